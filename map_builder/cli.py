@@ -1,0 +1,55 @@
+"""``vpr-localizer build-map``: the three input layouts -> one map directory."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+LOG = logging.getLogger("vpr_localizer.build_map")
+
+
+def add_build_map_parser(sub, add_encoder_args) -> argparse.ArgumentParser:
+    """Register the ``build-map`` subcommand on an argparse subparsers object."""
+    b = sub.add_parser(
+        "build-map", help="build a geotagged map from images",
+        description="Build a map from (a) a folder of images with GPS in EXIF, (b) a folder plus a CSV "
+                    "(image,lat,lon[,alt,heading] or image,x,y[,z,yaw]), or (c) a folder with frame "
+                    "indices in the file names only.")
+    b.add_argument("--images", required=True, help="image folder")
+    b.add_argument("--csv", help="CSV with positions (layout b); paths relative to --images")
+    b.add_argument("--gps", default="auto", choices=["auto", "exif", "none"],
+                   help="layout a/c: exif = every image must carry EXIF GPS; none = frame index only")
+    b.add_argument("--select", default="all", choices=["all", "even", "odd"], help="keep even/odd frames")
+    b.add_argument("--condition", nargs="*", help="keep only these CSV condition tags")
+    b.add_argument("--out", required=True, help="map directory to write")
+    b.add_argument("--index", default=None, choices=["flat", "ivfpq", "hnsw"],
+                   help="FAISS index type (default flat = exact inner product)")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing map (atomically)")
+    add_encoder_args(b)
+    b.set_defaults(func=run_build_map)
+    return b
+
+
+def run_build_map(args) -> int:
+    """Execute ``build-map``; returns the exit status."""
+    from vpr_localizer.cli import encoder_config_from_args
+    from vpr_localizer.encoder import Encoder
+    from vpr_localizer.mapping import build_map
+    from vpr_localizer.params import load_params
+    from vpr_localizer.records import load_records
+
+    records = load_records(args.images, args.csv, args.gps, args.select, args.condition)
+    index_kind = args.index or (load_params(args.params).get("map", {}).get("index", "flat")
+                                if args.params else "flat")
+    cfg = encoder_config_from_args(args)
+    encoder = Encoder(cfg)
+    LOG.info("building map from %d images in %s with %s/%s at %dx%d on %s", len(records), args.images,
+             cfg.backbone, cfg.aggregator, cfg.image_size[0], cfg.image_size[1], encoder.device)
+    report = build_map(records, encoder, args.out, index_kind=index_kind, overwrite=args.overwrite)
+    for path, reason in report.skipped:
+        LOG.warning("skipped %s", reason)
+    print(f"map written to {report.path}: {report.keyframes} keyframes, {len(report.skipped)} image(s) "
+          f"skipped, descriptor {report.descriptor_dim}-D (PCA {'on' if report.pca_fitted else 'off'}), "
+          f"{'geotagged (ENU datum in map.yaml)' if report.geotagged else 'no geodetic datum'}, "
+          f"{report.seconds:.1f} s")
+    return 0

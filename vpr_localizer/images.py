@@ -1,0 +1,135 @@
+"""Image and EXIF input: decoding with clear errors, resizing, EXIF GPS.
+
+Images are handled as ``numpy.ndarray`` of dtype ``uint8`` and shape ``(H, W, 3)`` in RGB
+order, H and W in pixels.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from fractions import Fraction
+from typing import Optional, Tuple
+
+import numpy as np
+import piexif
+from PIL import Image, UnidentifiedImageError
+
+from .errors import ImageLoadError
+
+LOG = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def load_image(path: str | os.PathLike) -> np.ndarray:
+    """Decode an image file fully into RGB.
+
+    Args:
+        path: image file (any format Pillow reads).
+
+    Returns:
+        ``uint8`` array ``(H, W, 3)``, RGB.
+
+    Raises:
+        ImageLoadError: the file is missing, zero bytes, truncated or not an image. The
+            message names the file.
+    """
+    path = os.fspath(path)
+    try:
+        size = os.path.getsize(path)
+    except OSError as exc:
+        raise ImageLoadError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    if size == 0:
+        raise ImageLoadError(f"{path}: empty file (0 bytes)")
+    try:
+        with Image.open(path) as im:
+            im.load()  # forces a full decode: a truncated file raises here
+            rgb = im.convert("RGB")
+    except UnidentifiedImageError as exc:
+        raise ImageLoadError(f"{path}: not a decodable image") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageLoadError(f"{path}: corrupt or truncated image ({exc})") from exc
+    arr = np.asarray(rgb, dtype=np.uint8)
+    if arr.ndim != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ImageLoadError(f"{path}: image has zero size")
+    return arr
+
+
+def resize_image(image: np.ndarray, size_wh: Tuple[int, int]) -> np.ndarray:
+    """Resize an RGB image to exactly ``size_wh`` = (width, height) pixels (bilinear, Pillow).
+
+    Args:
+        image: ``uint8`` ``(H, W, 3)``.
+        size_wh: target (width, height) in pixels.
+
+    Returns:
+        ``uint8`` ``(height, width, 3)``.
+
+    Raises:
+        ImageLoadError: the array is not a non-empty ``(H, W, 3)`` uint8 image.
+    """
+    validate_rgb(image)
+    w, h = int(size_wh[0]), int(size_wh[1])
+    if image.shape[1] == w and image.shape[0] == h:
+        return image
+    return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR), dtype=np.uint8)
+
+
+def validate_rgb(image: np.ndarray) -> None:
+    """Check that ``image`` is a non-empty ``uint8`` ``(H, W, 3)`` array.
+
+    Raises:
+        ImageLoadError: with the offending shape or dtype in the message.
+    """
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
+        raise ImageLoadError(f"expected a uint8 RGB array, got {type(image).__name__} "
+                             f"{getattr(image, 'dtype', '')}")
+    if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] == 0 or image.shape[1] == 0:
+        raise ImageLoadError(f"expected an image of shape (H, W, 3) with H, W > 0, got {image.shape}")
+
+
+def _rational_to_float(value) -> float:
+    num, den = value
+    if den == 0:
+        raise ValueError("zero denominator")
+    return float(Fraction(num, den))
+
+
+def _dms_to_degrees(dms) -> float:
+    d, m, s = (_rational_to_float(v) for v in dms)
+    return d + m / 60.0 + s / 3600.0
+
+
+def read_exif_gps(path: str | os.PathLike) -> Optional[Tuple[float, float, Optional[float]]]:
+    """Read the GPS position stored in an image's EXIF (via piexif).
+
+    Args:
+        path: JPEG or TIFF file.
+
+    Returns:
+        ``(latitude_deg, longitude_deg, altitude_m or None)`` in WGS84 degrees and metres,
+        or ``None`` when the file has no usable GPS tags (or no EXIF at all).
+    """
+    try:
+        exif = piexif.load(os.fspath(path))
+    except Exception:  # piexif raises several types on non-EXIF files
+        return None
+    gps = exif.get("GPS") or {}
+    try:
+        lat = _dms_to_degrees(gps[piexif.GPSIFD.GPSLatitude])
+        lon = _dms_to_degrees(gps[piexif.GPSIFD.GPSLongitude])
+    except (KeyError, ValueError, TypeError):
+        return None
+    if gps.get(piexif.GPSIFD.GPSLatitudeRef, b"N") in (b"S", "S"):
+        lat = -lat
+    if gps.get(piexif.GPSIFD.GPSLongitudeRef, b"E") in (b"W", "W"):
+        lon = -lon
+    alt = None
+    if piexif.GPSIFD.GPSAltitude in gps:
+        try:
+            alt = _rational_to_float(gps[piexif.GPSIFD.GPSAltitude])
+            if gps.get(piexif.GPSIFD.GPSAltitudeRef, 0) in (1, b"\x01"):
+                alt = -alt
+        except (ValueError, TypeError):
+            alt = None
+    return lat, lon, alt

@@ -1,0 +1,194 @@
+"""Localisation against a map: top-k retrieval (FAISS) and a pose estimate with covariance.
+
+Pose estimate (our method; the retrieval itself is NetVLAD's):
+
+1. retrieve the top-k keyframes by descriptor inner product (cosine similarity) s_1 >= ... >= s_k;
+2. the *geometrically consistent* set C is the candidates within ``consistency_radius_m`` of
+   the best match's position;
+3. position = similarity-weighted mean over C with weights ``w_i = exp((s_i - s_1) / T)``
+   (the best match dominates; near-equal neighbours refine it along the route);
+4. x-y covariance = weighted spread of C + an isotropic term that grows as the *score margin*
+   m = s_1 - (best score outside C) shrinks: ``sigma^2 = sigma_floor^2 +
+   (1 - min(m / margin_scale, 1)) * sigma_ambiguous^2``. A query whose best alternatives lie far
+   away with almost the same score gets a large covariance.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from .encoder import Encoder, EncoderConfig
+from .errors import FingerprintMismatchError, WeightsError
+from .index import search
+from .map_store import VprMap
+
+
+@dataclass
+class LocalizerConfig:
+    """Parameters of :class:`Localizer`.
+
+    Attributes:
+        top_k: candidates retrieved per query.
+        consistency_radius_m: candidates within this distance of the best match (metres) are
+            geometrically consistent with it.
+        temperature: T of the similarity weights (cosine-similarity units).
+        margin_scale: score margin (cosine units) at which the match counts as unambiguous.
+        sigma_floor_m: standard deviation (metres) of a confident estimate.
+        sigma_ambiguous_m: extra standard deviation (metres) of a fully ambiguous estimate.
+    """
+
+    top_k: int = 10
+    consistency_radius_m: float = 25.0
+    temperature: float = 0.02
+    margin_scale: float = 0.1
+    sigma_floor_m: float = 2.0
+    sigma_ambiguous_m: float = 50.0
+
+    @classmethod
+    def from_dict(cls, d: Dict) -> "LocalizerConfig":
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown localizer parameter(s): {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+
+@dataclass
+class PoseEstimate:
+    """Result for one query descriptor.
+
+    Attributes:
+        ids: ``(k,)`` int64 keyframe ids, best first.
+        scores: ``(k,)`` float32 cosine similarities.
+        best_id: ids[0].
+        x, y, z: estimated position in the map frame, metres (NaN for maps without positions).
+        covariance_xy: ``(2, 2)`` float64, m^2 (NaN for maps without positions).
+        lat, lon: WGS84 degrees of (x, y) when the map has a datum, else NaN.
+        margin: score margin m (see module doc).
+        consistent: number of candidates in the consistent set C.
+    """
+
+    ids: np.ndarray
+    scores: np.ndarray
+    best_id: int
+    x: float = math.nan
+    y: float = math.nan
+    z: float = math.nan
+    covariance_xy: np.ndarray = field(default_factory=lambda: np.full((2, 2), np.nan))
+    lat: float = math.nan
+    lon: float = math.nan
+    margin: float = math.nan
+    consistent: int = 0
+
+    def as_dict(self, query: str = "", keyframes=None) -> Dict:
+        """Flat dict for CSV/JSON output (lists for ids and scores)."""
+        d = {
+            "query": query,
+            "best_id": int(self.best_id),
+            "top_ids": [int(i) for i in self.ids],
+            "top_scores": [round(float(s), 6) for s in self.scores],
+            "x": self.x, "y": self.y, "z": self.z, "lat": self.lat, "lon": self.lon,
+            "cov_xx": float(self.covariance_xy[0, 0]), "cov_xy": float(self.covariance_xy[0, 1]),
+            "cov_yy": float(self.covariance_xy[1, 1]),
+            "margin": self.margin, "consistent": self.consistent,
+        }
+        if keyframes is not None:
+            d["best_image"] = keyframes[self.best_id].image_path
+        return d
+
+
+class Localizer:
+    """Queries a :class:`VprMap` with descriptors and estimates poses.
+
+    Args:
+        vpr_map: the loaded map.
+        config: :class:`LocalizerConfig`.
+    """
+
+    def __init__(self, vpr_map: VprMap, config: Optional[LocalizerConfig] = None):
+        self.map = vpr_map
+        self.config = config or LocalizerConfig()
+        self._pos = vpr_map.positions
+        self._has_pos = vpr_map.has_positions
+
+    def retrieve(self, descriptors: np.ndarray, k: Optional[int] = None):
+        """Top-k search: ``(Q, D)`` float32 -> (scores ``(Q, k)`` float32, ids ``(Q, k)`` int64).
+
+        Raises:
+            ValueError: wrong descriptor dimension or non-finite values.
+        """
+        d = np.asarray(descriptors, dtype=np.float32)
+        if d.ndim == 1:
+            d = d[None]
+        if not np.isfinite(d).all():
+            raise ValueError("query descriptor contains NaN or Inf")
+        return search(self.map.index, d, k or self.config.top_k)
+
+    def estimate(self, ids: np.ndarray, scores: np.ndarray) -> PoseEstimate:
+        """Pose estimate from one query's ranked candidates ``ids (k,)``, ``scores (k,)``."""
+        cfg = self.config
+        ids = np.asarray(ids, dtype=np.int64)
+        scores = np.asarray(scores, dtype=np.float32)
+        valid = ids >= 0
+        ids, scores = ids[valid], scores[valid]
+        est = PoseEstimate(ids=ids, scores=scores, best_id=int(ids[0]))
+        if not self._has_pos:
+            return est
+        pos = self._pos[ids]
+        dist = np.linalg.norm(pos[:, :2] - pos[0, :2], axis=1)
+        cons = dist <= cfg.consistency_radius_m
+        w = np.exp((scores[cons].astype(np.float64) - float(scores[0])) / cfg.temperature)
+        w /= w.sum()
+        p = (w[:, None] * pos[cons]).sum(axis=0)
+        diff = pos[cons, :2] - p[:2]
+        spread = (w[:, None, None] * np.einsum("ni,nj->nij", diff, diff)).sum(axis=0)
+        alt = scores[~cons]
+        margin = float(scores[0] - (alt.max() if alt.size else scores[-1]))
+        confidence = min(max(margin / cfg.margin_scale, 0.0), 1.0)
+        var = cfg.sigma_floor_m ** 2 + (1.0 - confidence) * cfg.sigma_ambiguous_m ** 2
+        est.x, est.y, est.z = float(p[0]), float(p[1]), float(p[2]) if np.isfinite(p[2]) else 0.0
+        est.covariance_xy = spread + var * np.eye(2)
+        est.margin, est.consistent = margin, int(cons.sum())
+        if self.map.datum is not None:
+            lat, lon, _ = self.map.datum.to_geodetic(est.x, est.y, est.z)
+            est.lat, est.lon = float(lat), float(lon)
+        return est
+
+    def localize(self, descriptors: np.ndarray) -> List[PoseEstimate]:
+        """``(Q, D)`` float32 descriptors -> Q pose estimates."""
+        scores, ids = self.retrieve(descriptors)
+        return [self.estimate(i, s) for i, s in zip(ids, scores)]
+
+
+def encoder_for_map(vpr_map: VprMap, weights: Optional[str] = None, device: str = "auto",
+                    batch_size: int = 8, checkpoint: Optional[str] = None) -> Encoder:
+    """Rebuild the encoder that built ``vpr_map`` and verify its fingerprint.
+
+    The backbone weights come from ``weights`` or the path recorded in ``map.yaml``; the
+    aggregator and PCA come from the map's ``encoder.pt``, or from ``checkpoint`` when given
+    (which must then be the same encoder).
+
+    Raises:
+        WeightsError: weight file missing or unloadable.
+        FingerprintMismatchError: the resulting encoder is not the one that built the map
+            (other weights, backbone, input size, clusters or PCA).
+    """
+    fp = vpr_map.fingerprint
+    build = vpr_map.meta.get("build", {})
+    cfg = EncoderConfig(backbone=fp["backbone"], weights=weights or build.get("weights"),
+                        preprocessing=fp["preprocessing"], image_size=tuple(fp["image_size"]),
+                        aggregator=fp["aggregator"], num_clusters=fp["num_clusters"] or 64,
+                        device=device, batch_size=batch_size)
+    enc = Encoder(cfg)
+    try:
+        if checkpoint:
+            from .encoder import load_checkpoint
+            enc.load_checkpoint_state(load_checkpoint(checkpoint))
+        else:
+            enc.load_checkpoint_state(vpr_map.encoder_checkpoint)
+    except WeightsError as exc:
+        raise FingerprintMismatchError(f"map {vpr_map.path} was built with a different encoder: {exc}") from exc
+    vpr_map.check_fingerprint(enc.fingerprint())
+    return enc

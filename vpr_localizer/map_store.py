@@ -1,0 +1,301 @@
+"""The geotagged image map on disk (``../shared/docs/ARCHITECTURE.md``, "The map").
+
+A map is a directory::
+
+    map.yaml          format version, encoder fingerprint, ENU datum, counts, file sizes + SHA-256
+    keyframes.sqlite  one row per keyframe (id, stamp, x/y/z, orientation, lat/lon/alt, image, tags)
+    index.faiss       FAISS index of the global descriptors (row i = keyframe id i)
+    encoder.pt        the encoder's aggregator + PCA (torch, loaded with weights_only=True)
+
+It is written atomically: everything goes to a temporary sibling directory which is then
+renamed into place, so a reader never sees a half-written map. Loading checks every file
+against the sizes and hashes in ``map.yaml`` and the keyframe count against the index, so a
+truncated or mixed-up map is one clear :class:`~vpr_localizer.errors.MapError`.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import math
+import os
+import shutil
+import sqlite3
+from dataclasses import dataclass, fields
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import yaml
+
+from .errors import FingerprintMismatchError, MapError
+from .geodesy import EnuDatum
+
+FORMAT_VERSION = 1
+MAP_YAML = "map.yaml"
+KEYFRAMES_DB = "keyframes.sqlite"
+INDEX_FILE = "index.faiss"
+ENCODER_FILE = "encoder.pt"
+
+
+@dataclass
+class Keyframe:
+    """One map image.
+
+    Attributes:
+        id: row number in the FAISS index (0..N-1).
+        stamp: seconds (NaN when unknown).
+        x, y, z: position in the ``map`` frame, metres (NaN when unknown; ENU when geotagged).
+        qx, qy, qz, qw: orientation in the map frame (identity when unknown).
+        lat, lon: WGS84 degrees, alt metres (NaN when unknown).
+        frame: frame index (-1 when unknown).
+        image_path: source image.
+        place_id, sequence, condition: tags ('' when unknown).
+    """
+
+    id: int
+    stamp: float = math.nan
+    x: float = math.nan
+    y: float = math.nan
+    z: float = math.nan
+    qx: float = 0.0
+    qy: float = 0.0
+    qz: float = 0.0
+    qw: float = 1.0
+    lat: float = math.nan
+    lon: float = math.nan
+    alt: float = math.nan
+    frame: int = -1
+    image_path: str = ""
+    place_id: str = ""
+    sequence: str = ""
+    condition: str = ""
+
+
+_COLUMNS = [f.name for f in fields(Keyframe)]
+_SQL_TYPES = {"int": "INTEGER", "float": "REAL", "str": "TEXT"}
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_keyframes(path: str, keyframes: Sequence[Keyframe]) -> None:
+    con = sqlite3.connect(path)
+    try:
+        cols = ", ".join(f"{f.name} {_SQL_TYPES[f.type if isinstance(f.type, str) else f.type.__name__]}"
+                         + (" PRIMARY KEY" if f.name == "id" else "") for f in fields(Keyframe))
+        con.execute(f"CREATE TABLE keyframes ({cols})")
+        con.executemany(f"INSERT INTO keyframes ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
+                        [tuple(getattr(k, c) for c in _COLUMNS) for k in keyframes])
+        con.commit()
+    finally:
+        con.close()
+
+
+def _read_keyframes(path: str) -> List[Keyframe]:
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            rows = con.execute(f"SELECT {', '.join(_COLUMNS)} FROM keyframes ORDER BY id").fetchall()
+        finally:
+            con.close()
+    except sqlite3.Error as exc:
+        raise MapError(f"{path}: cannot read keyframes ({exc})") from exc
+    out = []
+    for row in rows:
+        vals = {c: (math.nan if v is None and c not in ("image_path", "place_id", "sequence", "condition")
+                    else ("" if v is None else v)) for c, v in zip(_COLUMNS, row)}
+        out.append(Keyframe(**vals))
+    return out
+
+
+def write_map(path: str, keyframes: Sequence[Keyframe], index, encoder_checkpoint: Dict,
+              fingerprint: Dict, datum: Optional[EnuDatum], extra: Optional[Dict] = None,
+              overwrite: bool = False) -> str:
+    """Write a map directory atomically.
+
+    Args:
+        path: map directory to create.
+        keyframes: ``N`` keyframes with ids ``0..N-1`` in index order.
+        index: FAISS index holding the ``N`` descriptors.
+        encoder_checkpoint: :meth:`Encoder.checkpoint_state` of the encoder that built the map.
+        fingerprint: :meth:`Encoder.fingerprint` of that encoder.
+        datum: ENU origin when the map is geotagged, else None.
+        extra: more metadata for ``map.yaml`` (e.g. ``build`` info).
+        overwrite: replace an existing map at ``path`` (atomically).
+
+    Returns:
+        ``path``.
+
+    Raises:
+        MapError: ``path`` exists and ``overwrite`` is False, or ids/count are inconsistent.
+    """
+    import faiss
+    import torch
+
+    path = os.path.abspath(path)
+    if [k.id for k in keyframes] != list(range(len(keyframes))):
+        raise MapError("keyframe ids must be 0..N-1 in index order")
+    if index.ntotal != len(keyframes):
+        raise MapError(f"index holds {index.ntotal} descriptors but {len(keyframes)} keyframes were given")
+    if os.path.exists(path) and not overwrite:
+        raise MapError(f"map already exists: {path} (use --overwrite)")
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        _write_keyframes(os.path.join(tmp, KEYFRAMES_DB), keyframes)
+        faiss.write_index(index, os.path.join(tmp, INDEX_FILE))
+        torch.save(encoder_checkpoint, os.path.join(tmp, ENCODER_FILE))
+        files = {}
+        for name in (KEYFRAMES_DB, INDEX_FILE, ENCODER_FILE):
+            fp = os.path.join(tmp, name)
+            files[name] = {"bytes": os.path.getsize(fp), "sha256": _sha256(fp)}
+        meta = {
+            "format": "vpr_localizer.map",
+            "format_version": FORMAT_VERSION,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "frame_id": "map",
+            "encoder": fingerprint,
+            "datum": None if datum is None else datum.as_dict(),
+            "counts": {"keyframes": len(keyframes), "descriptor_dim": int(index.d)},
+            "files": files,
+        }
+        if extra:
+            meta.update(extra)
+        with open(os.path.join(tmp, MAP_YAML), "w") as f:
+            yaml.safe_dump(meta, f, sort_keys=False)
+        for name in os.listdir(tmp):  # flush file contents before the rename makes them visible
+            with open(os.path.join(tmp, name), "rb") as f:
+                os.fsync(f.fileno())
+        if os.path.exists(path):
+            old = os.path.join(parent, f".{os.path.basename(path)}.old-{os.getpid()}")
+            os.rename(path, old)
+            os.rename(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+class VprMap:
+    """A loaded map (read-only).
+
+    Attributes:
+        path: map directory.
+        meta: parsed ``map.yaml``.
+        keyframes: list of :class:`Keyframe`, index order.
+        index: FAISS index.
+        encoder_checkpoint: dict for :meth:`Encoder.load_checkpoint_state`.
+        datum: :class:`EnuDatum` or None.
+    """
+
+    def __init__(self, path, meta, keyframes, index, encoder_checkpoint):
+        self.path = path
+        self.meta = meta
+        self.keyframes = keyframes
+        self.index = index
+        self.encoder_checkpoint = encoder_checkpoint
+        d = meta.get("datum")
+        self.datum = EnuDatum(**d) if d else None
+
+    @property
+    def fingerprint(self) -> Dict:
+        return self.meta["encoder"]
+
+    @property
+    def positions(self) -> np.ndarray:
+        """``(N, 3)`` float64 keyframe positions in the map frame, metres (NaN when unknown)."""
+        return np.array([[k.x, k.y, k.z] for k in self.keyframes], dtype=np.float64).reshape(-1, 3)
+
+    @property
+    def has_positions(self) -> bool:
+        return bool(len(self.keyframes)) and bool(np.isfinite(self.positions[:, :2]).all())
+
+    def __len__(self) -> int:
+        return len(self.keyframes)
+
+    @classmethod
+    def load(cls, path: str, verify_hashes: bool = True) -> "VprMap":
+        """Open a map directory.
+
+        Args:
+            path: map directory.
+            verify_hashes: check SHA-256 of every file (sizes are always checked).
+
+        Raises:
+            MapError: missing directory or file, unknown format version, a file whose size or
+                hash differs from ``map.yaml`` (truncated/corrupt), or keyframe count !=
+                index size.
+        """
+        import faiss
+        import torch
+
+        path = os.path.abspath(path)
+        if not os.path.isdir(path):
+            raise MapError(f"map not found: {path}")
+        meta_path = os.path.join(path, MAP_YAML)
+        if not os.path.isfile(meta_path):
+            raise MapError(f"{path} is not a map (no {MAP_YAML})")
+        try:
+            with open(meta_path) as f:
+                meta = yaml.safe_load(f)
+        except yaml.YAMLError as exc:
+            raise MapError(f"{meta_path}: corrupt ({exc})") from exc
+        if not isinstance(meta, dict) or meta.get("format") != "vpr_localizer.map":
+            raise MapError(f"{meta_path}: not a vpr_localizer map")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise MapError(f"{meta_path}: map format version {meta.get('format_version')} is not supported "
+                           f"(this build reads version {FORMAT_VERSION})")
+        for name, info in (meta.get("files") or {}).items():
+            fp = os.path.join(path, name)
+            if not os.path.isfile(fp):
+                raise MapError(f"map {path} is incomplete: {name} is missing")
+            size = os.path.getsize(fp)
+            if size != info["bytes"]:
+                raise MapError(f"map {path} is truncated or corrupt: {name} has {size} bytes, "
+                               f"map.yaml says {info['bytes']}")
+            if verify_hashes and _sha256(fp) != info["sha256"]:
+                raise MapError(f"map {path} is corrupt: {name} does not match its SHA-256 in map.yaml")
+        for name in (KEYFRAMES_DB, INDEX_FILE, ENCODER_FILE):
+            if name not in (meta.get("files") or {}):
+                raise MapError(f"map {path} is incomplete: map.yaml lists no {name}")
+        keyframes = _read_keyframes(os.path.join(path, KEYFRAMES_DB))
+        try:
+            index = faiss.read_index(os.path.join(path, INDEX_FILE))
+        except RuntimeError as exc:
+            raise MapError(f"map {path}: cannot read {INDEX_FILE} ({exc})") from exc
+        if index.ntotal != len(keyframes):
+            raise MapError(f"map {path} is inconsistent: {len(keyframes)} keyframes but "
+                           f"{index.ntotal} descriptors in the index")
+        try:
+            ckpt = torch.load(os.path.join(path, ENCODER_FILE), map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise MapError(f"map {path}: cannot read {ENCODER_FILE} ({exc})") from exc
+        return cls(path, meta, keyframes, index, ckpt)
+
+    def check_fingerprint(self, fingerprint: Dict) -> None:
+        """Raise :class:`FingerprintMismatchError` unless ``fingerprint`` equals the map's.
+
+        The message lists each differing field (e.g. ``weights_sha256: map 73cf.. vs encoder 5a1f..``).
+        """
+        mine = self.fingerprint
+        diffs = []
+        for key in sorted(set(mine) | set(fingerprint)):
+            a, b = mine.get(key), fingerprint.get(key)
+            if a != b:
+                sa, sb = str(a), str(b)
+                if key.endswith("sha256"):
+                    sa, sb = sa[:12], sb[:12]
+                diffs.append(f"{key}: map {sa} vs encoder {sb}")
+        if diffs:
+            raise FingerprintMismatchError(f"map {self.path} was built with a different encoder ("
+                                           + "; ".join(diffs) + ")")

@@ -1,0 +1,151 @@
+"""Building a map from image records: encode, fit, index, write.
+
+``build-map`` (map_builder CLI), ``evaluate`` and the live map_builder node all go through
+:func:`build_map`, so every map has the same format and fingerprint rules.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .encoder import Encoder, EncodeResult
+from .errors import DatasetError
+from .geodesy import EnuDatum
+from .index import build_index
+from .map_store import Keyframe, write_map
+from .records import ImageRecord
+
+LOG = logging.getLogger(__name__)
+
+
+def datum_for(records: Sequence[ImageRecord]) -> Optional[EnuDatum]:
+    """ENU origin for a set of records: the first geotagged one (altitude 0 when unknown)."""
+    for r in records:
+        if r.has_geodetic:
+            return EnuDatum(r.lat, r.lon, r.alt if r.alt is not None else 0.0)
+    return None
+
+
+def localize_records(records: Sequence[ImageRecord], datum: Optional[EnuDatum]) -> List[ImageRecord]:
+    """Fill x/y/z of geotagged records in the datum's ENU frame (records with x/y keep theirs).
+
+    Returns new records; inputs are not modified.
+    """
+    from dataclasses import replace
+
+    out = []
+    for r in records:
+        if datum is not None and r.has_geodetic and not r.has_position:
+            e, n, u = datum.to_enu(r.lat, r.lon, r.alt)
+            r = replace(r, x=float(e), y=float(n), z=float(u) if r.alt is not None else 0.0)
+        out.append(r)
+    return out
+
+
+def _yaw_quaternion(yaw: Optional[float]) -> Tuple[float, float, float, float]:
+    if yaw is None or not math.isfinite(yaw):
+        return 0.0, 0.0, 0.0, 1.0
+    return 0.0, 0.0, math.sin(yaw / 2.0), math.cos(yaw / 2.0)
+
+
+def keyframes_from_records(records: Sequence[ImageRecord]) -> List[Keyframe]:
+    """Keyframes (ids 0..N-1) from records that already carry map-frame positions."""
+    def num(v):
+        return math.nan if v is None else float(v)
+
+    out = []
+    for i, r in enumerate(records):
+        qx, qy, qz, qw = _yaw_quaternion(r.yaw)
+        out.append(Keyframe(id=i, stamp=num(r.stamp), x=num(r.x), y=num(r.y), z=num(r.z) if r.has_position else math.nan,
+                            qx=qx, qy=qy, qz=qz, qw=qw, lat=num(r.lat), lon=num(r.lon), alt=num(r.alt),
+                            frame=-1 if r.frame is None else int(r.frame), image_path=r.path,
+                            place_id=r.place_id or "", sequence=r.sequence or "", condition=r.condition or ""))
+    return out
+
+
+@dataclass
+class MapEncoding:
+    """The encoded map images.
+
+    Attributes:
+        records: the records that were encoded (unreadable images removed), with ENU positions.
+        result: :class:`EncodeResult` (descriptors after PCA, raw, extras).
+        datum: ENU origin or None.
+        pca_fitted: whether PCA whitening was fitted on these images.
+        seconds: wall time of fitting + encoding, s.
+    """
+
+    records: List[ImageRecord]
+    result: EncodeResult
+    datum: Optional[EnuDatum]
+    pca_fitted: bool
+    seconds: float
+
+
+def encode_map(records: Sequence[ImageRecord], encoder: Encoder, extra_heads=None,
+               progress: bool = True) -> MapEncoding:
+    """Fit the encoder on the map images (k-means, PCA) when untrained, and encode them.
+
+    Unreadable images are skipped with a warning naming the file.
+
+    Raises:
+        DatasetError: no image could be read.
+    """
+    t0 = time.perf_counter()
+    paths = [r.path for r in records]
+    encoder.fit_aggregator(paths, progress="NetVLAD k-means sample" if progress else None)
+    res = encoder.encode_paths(paths, extra_heads=extra_heads, progress="encoding map" if progress else None)
+    if not res.ok:
+        raise DatasetError(f"none of the {len(paths)} map images could be read")
+    pca = encoder.fit_pca(res.raw)
+    if pca:
+        res.descriptors = encoder.apply_pca(res.raw)
+    kept = [records[i] for i in res.ok]
+    datum = datum_for(kept)
+    return MapEncoding(localize_records(kept, datum), res, datum, pca, time.perf_counter() - t0)
+
+
+@dataclass
+class BuildReport:
+    """What :func:`build_map` did: path, keyframe count, skipped images, timing."""
+
+    path: str
+    keyframes: int
+    skipped: List[Tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    descriptor_dim: int = 0
+    pca_fitted: bool = False
+    geotagged: bool = False
+
+
+def save_map(encoding: MapEncoding, encoder: Encoder, out_path: str, index_kind: str = "flat",
+             overwrite: bool = False, extra: Optional[Dict] = None) -> str:
+    """Index the encoded map and write it atomically (see :func:`map_store.write_map`)."""
+    index = build_index(encoding.result.descriptors, index_kind)
+    meta = {"build": {"weights": os.path.abspath(encoder.backbone.weights_path),
+                      "index": index_kind, "images": len(encoding.records),
+                      "skipped": len(encoding.result.skipped)}}
+    if extra:
+        meta["build"].update(extra)
+    return write_map(out_path, keyframes_from_records(encoding.records), index, encoder.checkpoint_state(),
+                     encoder.fingerprint(), encoding.datum, extra=meta, overwrite=overwrite)
+
+
+def build_map(records: Sequence[ImageRecord], encoder: Encoder, out_path: str, index_kind: str = "flat",
+              overwrite: bool = False, progress: bool = True) -> BuildReport:
+    """Encode ``records`` and write the map to ``out_path``.
+
+    Raises:
+        DatasetError: no readable image.
+        MapError: ``out_path`` exists and not ``overwrite``.
+    """
+    enc = encode_map(records, encoder, progress=progress)
+    path = save_map(enc, encoder, out_path, index_kind, overwrite)
+    return BuildReport(path, len(enc.records), enc.result.skipped, enc.seconds, encoder.dim, enc.pca_fitted,
+                       enc.datum is not None)
