@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Install (see setup_env.sh) and run the main job: every real-data scenario, then the results table.
+# Extra arguments go to `vpr-localizer demo` (e.g. --scenarios lund_odd_vs_even).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh
+exec .venv/bin/vpr-localizer demo "$@"
