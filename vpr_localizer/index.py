@@ -42,9 +42,17 @@ INDEX_KINDS = ("flat", "ivfpq", "hnsw")
 #: IVF ``nlist`` is clamped so that the training set has at least this many points per cell.
 MIN_POINTS_PER_CENTROID = 39
 #: The IVF coarse quantizer is trained on a seeded random subsample of at most this many points
-#: per cell (faiss recommends 30..256).  64 keeps training on 1M x 512 descriptors at a few
-#: minutes on a 2-core CPU; faiss's own cap of 256 would take about four times longer.
-TRAIN_POINTS_PER_CENTROID = 64
+#: per cell (faiss accepts 39..256, the fewer the faster).  39 keeps k-means for 1M x 512
+#: descriptors (nlist 4000) at about a minute on a 2-core CPU; faiss's own cap of 256 would take
+#: over six times longer for centroids that are hardly better.
+TRAIN_POINTS_PER_CENTROID = 39
+#: Each PQ codebook is trained on at most this many points per PQ centroid (faiss default 256):
+#: 64 * 256 = 16384 residuals.  faiss's PQ k-means is slow on 8-dim sub-vectors (~0.5 s per
+#: codebook on 65536 points), and with 64 codebooks the default would cost minutes per build.
+PQ_TRAIN_POINTS_PER_CENTROID = 64
+#: k-means iterations per PQ codebook (faiss default 25).  Measured on 20k clustered 512-d
+#: descriptors: 10-NN recall 0.768 with 10 iterations vs 0.769 with 25, at 60% of the time.
+PQ_TRAIN_NITER = 10
 #: ``nlist`` default: about ``4 * sqrt(N)`` (faiss guideline is 4..16 * sqrt(N)).
 NLIST_PER_SQRT_N = 4
 #: Largest number of PQ sub-quantizers chosen by default, and smallest sub-vector dimension.
@@ -157,7 +165,9 @@ def build_index(descriptors: np.ndarray, kind: str = "flat", *, nlist: int | Non
     and an exact ``"flat"`` index is returned instead (check with :func:`index_kind`).  With
     fewer than ``39 * 2**pq_nbits`` points the PQ codebooks are under-trained; a warning is
     logged (faiss's own stderr warning is silenced in favour of it).  The IVF quantizer is
-    trained on a seeded subsample of ``min(N, 64 * nlist)`` descriptors, 10 k-means iterations.
+    trained on a seeded subsample of ``min(N, 39 * nlist)`` descriptors (10 k-means
+    iterations), the PQ codebooks on the residuals of at most ``64 * 2**pq_nbits`` of them
+    (10 iterations); these caps bound the build time on small CPUs (see the constants).
 
     New approximate indexes get ``nprobe = min(nlist, 16)`` / ``efSearch = 64`` (saved with the
     index); change them with :func:`set_search_params`.
@@ -248,6 +258,8 @@ def _build_ivfpq(x: np.ndarray, *, nlist: Optional[int], pq_m: Optional[int], pq
     index.cp.seed = int(seed)
     index.pq.cp.seed = int(seed)
     index.pq.cp.min_points_per_centroid = 1  # we log our own warning above instead of faiss's
+    index.pq.cp.max_points_per_centroid = PQ_TRAIN_POINTS_PER_CENTROID
+    index.pq.cp.niter = PQ_TRAIN_NITER
     index.train(train)
     del train
     index.nprobe = min(nl, DEFAULT_NPROBE)

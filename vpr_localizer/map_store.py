@@ -133,8 +133,9 @@ def write_map(path: str, keyframes: Sequence[Keyframe], index, encoder_checkpoin
     Raises:
         MapError: ``path`` exists and ``overwrite`` is False, or ids/count are inconsistent.
     """
-    import faiss
     import torch
+
+    from .index import save_index
 
     path = os.path.abspath(path)
     if [k.id for k in keyframes] != list(range(len(keyframes))):
@@ -150,7 +151,7 @@ def write_map(path: str, keyframes: Sequence[Keyframe], index, encoder_checkpoin
     os.makedirs(tmp)
     try:
         _write_keyframes(os.path.join(tmp, KEYFRAMES_DB), keyframes)
-        faiss.write_index(index, os.path.join(tmp, INDEX_FILE))
+        save_index(index, os.path.join(tmp, INDEX_FILE))
         torch.save(encoder_checkpoint, os.path.join(tmp, ENCODER_FILE))
         files = {}
         for name in (KEYFRAMES_DB, INDEX_FILE, ENCODER_FILE):
@@ -236,8 +237,9 @@ class VprMap:
                 hash differs from ``map.yaml`` (truncated/corrupt), or keyframe count !=
                 index size.
         """
-        import faiss
         import torch
+
+        from .index import load_index
 
         path = os.path.abspath(path)
         if not os.path.isdir(path):
@@ -269,10 +271,7 @@ class VprMap:
             if name not in (meta.get("files") or {}):
                 raise MapError(f"map {path} is incomplete: map.yaml lists no {name}")
         keyframes = _read_keyframes(os.path.join(path, KEYFRAMES_DB))
-        try:
-            index = faiss.read_index(os.path.join(path, INDEX_FILE))
-        except RuntimeError as exc:
-            raise MapError(f"map {path}: cannot read {INDEX_FILE} ({exc})") from exc
+        index = load_index(os.path.join(path, INDEX_FILE))
         if index.ntotal != len(keyframes):
             raise MapError(f"map {path} is inconsistent: {len(keyframes)} keyframes but "
                            f"{index.ntotal} descriptors in the index")
