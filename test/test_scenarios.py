@@ -20,6 +20,13 @@ from vpr_localizer.scenarios import VGG16_WEIGHTS, get_scenario
 
 pytestmark = pytest.mark.integration
 
+# Lower bounds on NetVLAD recall@1 counts: one below the measured value on the tiny sets (a single
+# borderline query may flip with floating-point differences between CPUs), ~10% below on Nordland.
+GARDENS_NIGHT_MIN = 4   # measured 5/6
+TRAIL_SNOW_MIN = 3      # measured 4/5
+TRAIL_DRY_MIN = 3       # measured 4/7
+NORDLAND_R1_MIN = 280   # measured 310/3576
+
 
 def run(name, shared_dir, tmp_path_factory, **overrides):
     sc = get_scenario(name)
@@ -60,6 +67,8 @@ def test_gardens_day_queries_vs_night_map(shared_dir, tmp_path_factory):
     correct, total = r_at(m, "NetVLAD", "place", 1)
     assert total == 12
     assert correct >= 10, f"NetVLAD R@1 {correct}/12 (measured 11/12)"
+    # what NetVLAD adds over plain average pooling in the seed's setting (measured 11 vs 6 of 12)
+    assert correct > r_at(m, "GAP", "place", 1)[0]
     assert os.path.getsize(res.files["contact_sheet"]) > 0
 
 
