@@ -38,6 +38,10 @@ def run_build_map(args) -> int:
     from vpr_localizer.params import load_params
     from vpr_localizer.records import load_records
 
+    from vpr_localizer.errors import MapError
+
+    if os.path.exists(args.out) and not args.overwrite:  # fail before minutes of encoding
+        raise MapError(f"map already exists: {os.path.abspath(args.out)} (use --overwrite)")
     records = load_records(args.images, args.csv, args.gps, args.select, args.condition)
     index_kind = args.index or (load_params(args.params).get("map", {}).get("index", "flat")
                                 if args.params else "flat")

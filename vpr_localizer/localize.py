@@ -127,12 +127,20 @@ class Localizer:
         return search(self.map.index, d, k or self.config.top_k)
 
     def estimate(self, ids: np.ndarray, scores: np.ndarray) -> PoseEstimate:
-        """Pose estimate from one query's ranked candidates ``ids (k,)``, ``scores (k,)``."""
+        """Pose estimate from one query's ranked candidates ``ids (k,)``, ``scores (k,)``.
+
+        Ids of -1 (no hit from an approximate index) are ignored.
+
+        Raises:
+            ValueError: no valid candidate at all.
+        """
         cfg = self.config
         ids = np.asarray(ids, dtype=np.int64)
         scores = np.asarray(scores, dtype=np.float32)
         valid = ids >= 0
         ids, scores = ids[valid], scores[valid]
+        if ids.size == 0:
+            raise ValueError("no map candidate returned for this query (approximate index found no hit)")
         est = PoseEstimate(ids=ids, scores=scores, best_id=int(ids[0]))
         if not self._has_pos:
             return est

@@ -145,11 +145,12 @@ def write_map(path: str, keyframes: Sequence[Keyframe], index, encoder_checkpoin
     if os.path.exists(path) and not overwrite:
         raise MapError(f"map already exists: {path} (use --overwrite)")
     parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    old = os.path.join(parent, f".{os.path.basename(path)}.old-{os.getpid()}")
     try:
+        os.makedirs(parent, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
         _write_keyframes(os.path.join(tmp, KEYFRAMES_DB), keyframes)
         save_index(index, os.path.join(tmp, INDEX_FILE))
         torch.save(encoder_checkpoint, os.path.join(tmp, ENCODER_FILE))
@@ -175,15 +176,16 @@ def write_map(path: str, keyframes: Sequence[Keyframe], index, encoder_checkpoin
             with open(os.path.join(tmp, name), "rb") as f:
                 os.fsync(f.fileno())
         if os.path.exists(path):
-            old = os.path.join(parent, f".{os.path.basename(path)}.old-{os.getpid()}")
             os.rename(path, old)
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
-    except BaseException:
+        os.rename(tmp, path)
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if os.path.isdir(old) and not os.path.exists(path):
+            os.rename(old, path)  # put the previous map back
+        if isinstance(exc, (OSError, RuntimeError, sqlite3.Error)) and not isinstance(exc, MapError):
+            raise MapError(f"cannot write map {path}: {exc}") from exc
         raise
+    shutil.rmtree(old, ignore_errors=True)
     return path
 
 
@@ -257,7 +259,16 @@ class VprMap:
         if meta.get("format_version") != FORMAT_VERSION:
             raise MapError(f"{meta_path}: map format version {meta.get('format_version')} is not supported "
                            f"(this build reads version {FORMAT_VERSION})")
-        for name, info in (meta.get("files") or {}).items():
+        if not isinstance(meta.get("encoder"), dict):
+            raise MapError(f"{meta_path}: no encoder fingerprint")
+        files = meta.get("files")
+        if not isinstance(files, dict):
+            raise MapError(f"{meta_path}: no 'files' section")
+        for name, info in files.items():
+            if not (isinstance(info, dict) and isinstance(info.get("bytes"), int)
+                    and isinstance(info.get("sha256"), str)):
+                raise MapError(f"{meta_path}: corrupt entry for {name} in 'files' (needs bytes and sha256)")
+        for name, info in files.items():
             fp = os.path.join(path, name)
             if not os.path.isfile(fp):
                 raise MapError(f"map {path} is incomplete: {name} is missing")
@@ -268,7 +279,7 @@ class VprMap:
             if verify_hashes and _sha256(fp) != info["sha256"]:
                 raise MapError(f"map {path} is corrupt: {name} does not match its SHA-256 in map.yaml")
         for name in (KEYFRAMES_DB, INDEX_FILE, ENCODER_FILE):
-            if name not in (meta.get("files") or {}):
+            if name not in files:
                 raise MapError(f"map {path} is incomplete: map.yaml lists no {name}")
         keyframes = _read_keyframes(os.path.join(path, KEYFRAMES_DB))
         index = load_index(os.path.join(path, INDEX_FILE))
