@@ -12,10 +12,16 @@ if [ ! -x "$VENV/bin/python" ]; then
     echo "[setup] creating virtual environment $VENV"
     "$PY" -m venv "$VENV"
 fi
-# The machine image points pip at a folder holding a CPU-only torch wheel, for which no
-# torchvision exists; install torch/torchvision from the package index only.
+# The machine image's pip configuration points at a folder holding a CPU-only torch wheel, for
+# which no torchvision exists (torchvision then fails to import). Ignore pip configuration files
+# and that folder so torch/torchvision both come from the package index.
+export PIP_CONFIG_FILE=/dev/null
 export PIP_FIND_LINKS=""
 export PIP_DISABLE_PIP_VERSION_CHECK=1
+if "$VENV/bin/python" -c "import torch, sys; sys.exit(0 if torch.__version__.endswith('+cpu') else 1)" 2>/dev/null; then
+    echo "[setup] replacing the CPU-only torch wheel (no matching torchvision) by the PyPI build"
+    "$VENV/bin/python" -m pip uninstall -y -q torch torchvision
+fi
 "$VENV/bin/python" -m pip install -q --upgrade pip
 echo "[setup] installing requirements (torch CUDA build is large the first time)"
 "$VENV/bin/python" -m pip install -q -r requirements.txt -r requirements-ros.txt
