@@ -8,7 +8,7 @@ PACKAGE = "vpr_localizer"
 setup(
     name=PACKAGE,
     version="0.1.0",
-    packages=[PACKAGE, "map_builder", "segmentation_node", "attention_node"],
+    packages=[PACKAGE, "vpr_ros", "map_builder", "segmentation_node", "attention_node", "localizer_node"],
     data_files=[
         ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
         (f"share/{PACKAGE}", ["package.xml"]),

@@ -1,0 +1,1 @@
+"""localizer_node: the ``vpr_localizer`` ROS 2 node (descriptor -> pose, fix, loop closure)."""

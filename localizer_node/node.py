@@ -1,0 +1,167 @@
+"""``vpr_localizer`` node: queries the map with each descriptor and publishes the pose.
+
+Subscribes:
+    ``vpr/descriptor`` (sensor_msgs/Image, 32FC1, 1 x D, camera header) -- newest only.
+Publishes:
+    ``vpr/pose`` (geometry_msgs/PoseWithCovarianceStamped, frame ``map``),
+    ``vpr/fix`` (sensor_msgs/NavSatFix, when the map has a geodetic datum),
+    ``vpr/loop_closure`` (std_msgs/Float64MultiArray ``[query_stamp_s, match_stamp_s, score,
+    keyframe_id]``, LIO-SAM layout, when the best score reaches ``loop_closure.score_threshold``),
+    ``vpr/matches`` (visualization_msgs/MarkerArray: top-k keyframes, line to the best),
+    ``diagnostics`` (diagnostic_msgs/DiagnosticArray: per-stage latency, map size, best score).
+Parameters (``config/*.yaml``): ``map_path``, ``frame_id``, ``localizer.*``
+(:class:`vpr_localizer.localize.LocalizerConfig`), ``loop_closure.score_threshold``,
+``faiss_threads``, ``publish_tf``.
+
+A map that cannot be loaded is fatal (the constructor raises :class:`MapError`); a bad
+descriptor message is logged and dropped, and the node keeps running.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+from diagnostic_msgs.msg import DiagnosticArray
+from geometry_msgs.msg import Point, PoseWithCovarianceStamped
+from rclpy.node import Node
+from sensor_msgs.msg import Image, NavSatFix, NavSatStatus
+from std_msgs.msg import ColorRGBA, Float64MultiArray, Header
+from visualization_msgs.msg import Marker, MarkerArray
+
+from vpr_localizer.errors import MapError
+from vpr_localizer.localize import Localizer, LocalizerConfig
+from vpr_localizer.map_store import VprMap
+from vpr_ros.convert import msg_to_descriptor, stamp_to_sec
+from vpr_ros.diagnostics import OK, WARN, diagnostics_msg
+from vpr_ros.latest import LatestFrameWorker
+from vpr_ros.params import dataclass_defaults, declare_section, get_section
+from vpr_ros.qos import reliable_qos
+
+YAW_VARIANCE_UNKNOWN = 1e6  # rad^2: orientation is not estimated by retrieval
+
+
+class LocalizerNode(Node):
+    """The ``vpr_localizer`` node (see module doc)."""
+
+    def __init__(self, **kwargs):
+        super().__init__("vpr_localizer", **kwargs)
+        self.declare_parameter("map_path", "")
+        self.declare_parameter("frame_id", "map")
+        self.declare_parameter("faiss_threads", 1)
+        self.declare_parameter("publish_tf", False)
+        self.declare_parameter("loop_closure.score_threshold", 0.5)
+        defaults = dataclass_defaults(LocalizerConfig)
+        declare_section(self, "localizer", defaults)
+        map_path = self.get_parameter("map_path").value
+        if not map_path:
+            raise MapError("parameter map_path is empty: set it to a map directory built with build-map")
+        t0 = time.perf_counter()
+        self.map = VprMap.load(map_path)
+        import faiss
+
+        faiss.omp_set_num_threads(max(1, int(self.get_parameter("faiss_threads").value)))
+        self.localizer = Localizer(self.map, LocalizerConfig.from_dict(get_section(self, "localizer", defaults)))
+        self.frame_id = self.get_parameter("frame_id").value
+        self.loop_threshold = float(self.get_parameter("loop_closure.score_threshold").value)
+        self.dim = int(self.map.index.d)
+        self.pub_pose = self.create_publisher(PoseWithCovarianceStamped, "vpr/pose", reliable_qos())
+        self.pub_fix = self.create_publisher(NavSatFix, "vpr/fix", reliable_qos()) if self.map.datum else None
+        self.pub_loop = self.create_publisher(Float64MultiArray, "vpr/loop_closure", reliable_qos())
+        self.pub_markers = self.create_publisher(MarkerArray, "vpr/matches", reliable_qos())
+        self.pub_diag = self.create_publisher(DiagnosticArray, "diagnostics", reliable_qos())
+        self.worker = LatestFrameWorker(self._process, self.get_logger(), "vpr_localizer")
+        self.create_subscription(Image, "vpr/descriptor", self.worker.offer, reliable_qos(depth=5))
+        self.tf = self._make_tf_broadcaster() if self.get_parameter("publish_tf").value else None
+        self.get_logger().info(
+            f"map {self.map.path}: {len(self.map)} keyframes, {self.dim}-D descriptors, "
+            f"{'geotagged' if self.map.datum else 'no datum'}, loaded in {time.perf_counter() - t0:.2f} s")
+
+    def _make_tf_broadcaster(self):
+        try:
+            from tf2_ros import TransformBroadcaster
+        except ImportError:
+            self.get_logger().warning("publish_tf is set but tf2_ros is not importable: no TF broadcast")
+            return None
+        return TransformBroadcaster(self)
+
+    def _process(self, msg: Image) -> None:
+        t0 = time.perf_counter()
+        desc = msg_to_descriptor(msg)
+        if desc.shape[0] != 1 or desc.shape[1] != self.dim:
+            raise ValueError(f"descriptor is {desc.shape[0]} x {desc.shape[1]}, the map needs 1 x {self.dim}")
+        t1 = time.perf_counter()
+        scores, ids = self.localizer.retrieve(desc)
+        t2 = time.perf_counter()
+        est = self.localizer.estimate(ids[0], scores[0])
+        t3 = time.perf_counter()
+        header = Header(stamp=msg.header.stamp, frame_id=self.frame_id)
+        best = self.map.keyframes[est.best_id]
+        if self.map.has_positions:
+            self.pub_pose.publish(self._pose_msg(header, est, best))
+            if self.pub_fix is not None:
+                self.pub_fix.publish(self._fix_msg(msg.header, est))
+        if float(est.scores[0]) >= self.loop_threshold:
+            self.pub_loop.publish(Float64MultiArray(data=[
+                stamp_to_sec(msg.header.stamp), float(best.stamp) if math.isfinite(best.stamp) else float("nan"),
+                float(est.scores[0]), float(est.best_id)]))
+        if self.map.has_positions:
+            self.pub_markers.publish(self._markers(header, est))
+        t4 = time.perf_counter()
+        st = self.worker.stats
+        self.pub_diag.publish(diagnostics_msg(
+            self.get_clock().now().to_msg(), "vpr_localizer", OK if st.errors == 0 else WARN,
+            "localising" if st.errors == 0 else f"{st.errors} bad descriptor message(s); last: {st.last_error}",
+            {"decode_ms": 1e3 * (t1 - t0), "search_ms": 1e3 * (t2 - t1), "pose_ms": 1e3 * (t3 - t2),
+             "publish_ms": 1e3 * (t4 - t3), "map_keyframes": len(self.map), "best_score": float(est.scores[0]),
+             "best_keyframe": est.best_id, "margin": float(est.margin), "received": st.received,
+             "dropped": st.dropped, "errors": st.errors}))
+
+    def _pose_msg(self, header: Header, est, best) -> PoseWithCovarianceStamped:
+        m = PoseWithCovarianceStamped()
+        m.header = header
+        m.pose.pose.position.x, m.pose.pose.position.y = est.x, est.y
+        m.pose.pose.position.z = est.z if math.isfinite(est.z) else 0.0
+        m.pose.pose.orientation.x, m.pose.pose.orientation.y = best.qx, best.qy
+        m.pose.pose.orientation.z, m.pose.pose.orientation.w = best.qz, best.qw
+        cov = np.zeros((6, 6))
+        cov[:2, :2] = est.covariance_xy
+        cov[2, 2] = max(est.covariance_xy[0, 0], est.covariance_xy[1, 1])
+        cov[3, 3] = cov[4, 4] = cov[5, 5] = YAW_VARIANCE_UNKNOWN
+        m.pose.covariance = cov.reshape(-1).tolist()
+        return m
+
+    def _fix_msg(self, cam_header: Header, est) -> NavSatFix:
+        m = NavSatFix()
+        m.header = Header(stamp=cam_header.stamp, frame_id=cam_header.frame_id or "camera")
+        m.status.status = NavSatStatus.STATUS_FIX
+        m.latitude, m.longitude = est.lat, est.lon
+        m.altitude = float(self.map.datum.alt)
+        cov = np.zeros((3, 3))
+        cov[:2, :2] = est.covariance_xy  # NavSatFix covariance is ENU (east, north, up), as the map frame
+        cov[2, 2] = YAW_VARIANCE_UNKNOWN
+        m.position_covariance = cov.reshape(-1).tolist()
+        m.position_covariance_type = NavSatFix.COVARIANCE_TYPE_APPROXIMATED
+        return m
+
+    def _markers(self, header: Header, est) -> MarkerArray:
+        pts = Marker(header=header, ns="vpr_matches", id=0, type=Marker.SPHERE_LIST, action=Marker.ADD)
+        pts.scale.x = pts.scale.y = pts.scale.z = 2.0
+        pts.pose.orientation.w = 1.0
+        top = float(est.scores[0])
+        for kid, s in zip(est.ids, est.scores):
+            kf = self.map.keyframes[int(kid)]
+            pts.points.append(Point(x=kf.x, y=kf.y, z=kf.z if math.isfinite(kf.z) else 0.0))
+            w = float(np.clip(1.0 - (top - float(s)) / 0.2, 0.1, 1.0))
+            pts.colors.append(ColorRGBA(r=1.0 - w, g=w, b=0.2, a=1.0))
+        line = Marker(header=header, ns="vpr_best", id=1, type=Marker.LINE_LIST, action=Marker.ADD)
+        line.scale.x = 0.5
+        line.pose.orientation.w = 1.0
+        line.color = ColorRGBA(r=0.1, g=0.4, b=1.0, a=1.0)
+        best = self.map.keyframes[est.best_id]
+        line.points = [Point(x=est.x, y=est.y, z=0.0), Point(x=best.x, y=best.y, z=0.0)]
+        return MarkerArray(markers=[pts, line])
+
+    def destroy_node(self):
+        self.worker.stop()
+        return super().destroy_node()
