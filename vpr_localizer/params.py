@@ -20,11 +20,11 @@ import yaml
 from .errors import DatasetError
 
 
-def load_params(path: str, node: Optional[str] = None) -> Dict:
-    """Return the ``ros__parameters`` mapping of ``node`` (or of ``/**``, or of the only node).
+def read_params_file(path: str) -> Dict:
+    """Parse a parameter YAML file into a dict (``{}`` for an empty file).
 
     Raises:
-        DatasetError: missing/unparsable file or no ``ros__parameters`` section.
+        DatasetError: missing file, invalid YAML, or a top level that is not a mapping.
     """
     if not os.path.isfile(path):
         raise DatasetError(f"parameter file not found: {path}")
@@ -33,6 +33,18 @@ def load_params(path: str, node: Optional[str] = None) -> Dict:
             doc = yaml.safe_load(f) or {}
     except yaml.YAMLError as exc:
         raise DatasetError(f"{path}: invalid YAML ({exc})") from exc
+    if not isinstance(doc, dict):
+        raise DatasetError(f"{path}: expected '<node>: ros__parameters: ...' mappings")
+    return doc
+
+
+def load_params(path: str, node: Optional[str] = None) -> Dict:
+    """Return the ``ros__parameters`` mapping of ``node`` (or of ``/**``, or of the only node).
+
+    Raises:
+        DatasetError: missing/unparsable file or no ``ros__parameters`` section.
+    """
+    doc = read_params_file(path)
     sections = {k: v.get("ros__parameters") for k, v in doc.items()
                 if isinstance(v, dict) and isinstance(v.get("ros__parameters"), dict)}
     if not sections:

@@ -7,15 +7,13 @@ names, and every node whose name is in :data:`NODE_CLASSES` is started, with a
 from __future__ import annotations
 
 import importlib
-import os
 import signal
 import threading
 import time
 from typing import Dict, List, Optional, Sequence
 
-import yaml
-
 from vpr_localizer.errors import DatasetError, VprError
+from vpr_localizer.params import read_params_file
 
 NODE_CLASSES: Dict[str, str] = {
     "segmentation_node": "segmentation_node.node:SegmentationNode",
@@ -31,13 +29,7 @@ def node_names_in(params_file: str) -> List[str]:
     Raises:
         DatasetError: missing/invalid file or no known node in it.
     """
-    if not os.path.isfile(params_file):
-        raise DatasetError(f"parameter file not found: {params_file}")
-    try:
-        with open(params_file) as f:
-            doc = yaml.safe_load(f) or {}
-    except yaml.YAMLError as exc:
-        raise DatasetError(f"{params_file}: invalid YAML ({exc})") from exc
+    doc = read_params_file(params_file)
     names = [n for n in NODE_CLASSES if n in doc]
     if not names:
         raise DatasetError(f"{params_file}: no node of the suite ({', '.join(NODE_CLASSES)}) in it")
