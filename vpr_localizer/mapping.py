@@ -12,8 +12,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
-
 from .encoder import Encoder, EncodeResult
 from .errors import DatasetError
 from .geodesy import EnuDatum

@@ -17,7 +17,7 @@ import csv
 import math
 import os
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from typing import Iterable, List, Optional, Sequence
 
 from .errors import DatasetError

@@ -7,7 +7,7 @@ judged, and the network input size. ``vpr-localizer evaluate --scenario NAME`` r
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 from .errors import DatasetError

@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib
 import signal
 import threading
-import time
 from typing import Dict, List, Optional, Sequence
 
 from vpr_localizer.errors import DatasetError, VprError
