@@ -46,6 +46,13 @@ class LocalizerNode(Node):
 
     def __init__(self, **kwargs):
         super().__init__("vpr_localizer", **kwargs)
+        try:
+            self._setup()
+        except BaseException:
+            super().destroy_node()  # release the node so the error is not masked at shutdown
+            raise
+
+    def _setup(self) -> None:
         self.declare_parameter("map_path", "")
         self.declare_parameter("frame_id", "map")
         self.declare_parameter("faiss_threads", 1)
@@ -163,5 +170,7 @@ class LocalizerNode(Node):
         return MarkerArray(markers=[pts, line])
 
     def destroy_node(self):
-        self.worker.stop()
+        worker = getattr(self, "worker", None)
+        if worker is not None:
+            worker.stop()
         return super().destroy_node()
