@@ -39,6 +39,10 @@ setup(
     entry_points={
         "console_scripts": [
             "vpr-localizer = vpr_localizer.cli:main",
+            "segmentation_node = segmentation_node.node:main",
+            "attention_node = attention_node.node:main",
+            "vpr_localizer_node = localizer_node.node:main",
+            "map_builder_node = map_builder.node:main",
         ],
     },
 )

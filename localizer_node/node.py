@@ -174,3 +174,16 @@ class LocalizerNode(Node):
         if worker is not None:
             worker.stop()
         return super().destroy_node()
+
+
+def main(argv=None) -> int:
+    """Console entry point ``vpr_localizer_node``: see :func:`vpr_ros.graph.spin_single_node`."""
+    from vpr_ros.graph import spin_single_node
+
+    return spin_single_node(LocalizerNode, "vpr_localizer", argv)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -1,5 +1,7 @@
-"""segmentation_node: camera image -> Cityscapes trainId labels.
+"""segmentation_node: camera image -> Cityscapes trainId labels (``segmentation/labels``) and a
+colour overlay (``segmentation/overlay``).
 
-Not implemented yet: the node comes with the ROS 2 node-suite issue and its backends with the
-segmentation issue. Nothing in this package is used by the core pipeline.
+Backends come from :mod:`vpr_localizer.semantics`; today only ``none`` (every pixel ignore)
+exists, the ESPNet/ESPNetv2/Panoptic-DeepLab backends come with the segmentation issue on the
+same topics.
 """

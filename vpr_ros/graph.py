@@ -121,3 +121,47 @@ def run(params_file: str, names: Optional[Sequence[str]] = None, duration_s: Opt
     stop.wait(duration_s)
     graph.shutdown()
     return 0
+
+
+def spin_single_node(factory, name: str, argv: Optional[Sequence[str]] = None) -> int:
+    """Console entry point shared by every node: run one node until Ctrl-C/SIGTERM.
+
+    ROS arguments pass through (``--ros-args --params-file F -p key:=value -r image:=/cam``).
+    Nodes with a ``flush()`` method (map_builder) are flushed before they are destroyed.
+
+    Args:
+        factory: the node class (called with no arguments after ``rclpy.init``).
+        name: node name, for the fatal log line.
+        argv: command line (default ``sys.argv``).
+
+    Returns:
+        0 after a clean stop, 2 when the node cannot start (one fatal log line, no traceback).
+    """
+    import sys
+
+    import rclpy
+    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+
+    rclpy.init(args=list(sys.argv if argv is None else argv))
+    node = None
+    try:
+        try:
+            node = factory()
+        except VprError as exc:
+            rclpy.logging.get_logger(name).fatal(f"cannot start: {exc}")
+            return 2
+        executor = MultiThreadedExecutor()
+        executor.add_node(node)
+        try:
+            executor.spin()
+        except (KeyboardInterrupt, ExternalShutdownException):
+            pass
+        finally:
+            executor.shutdown()
+        return 0
+    finally:
+        if node is not None:
+            if hasattr(node, "flush"):
+                node.flush()
+            node.destroy_node()
+        rclpy.try_shutdown()
