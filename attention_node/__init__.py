@@ -1,5 +1,7 @@
-"""attention_node: image (+ segmentation labels) -> attention-weighted NetVLAD descriptor.
+"""attention_node: camera image (+ segmentation labels) -> NetVLAD descriptor (``vpr/descriptor``),
+patch descriptors and an attention heat map (``vpr/attention``).
 
-Not implemented yet: the node comes with the ROS 2 node-suite issue. The descriptor it will
-publish is computed by :class:`vpr_localizer.encoder.Encoder`.
+The encoder is rebuilt from the map (:func:`vpr_localizer.localize.encoder_for_map`), so the
+published descriptors match the map's fingerprint. The learned attention module and the
+segmentation-guided descriptor come with the segmentation/attention issue, on the same topics.
 """

@@ -65,9 +65,7 @@ class LocalizerNode(Node):
             raise MapError("parameter map_path is empty: set it to a map directory built with build-map")
         t0 = time.perf_counter()
         self.map = VprMap.load(map_path)
-        import faiss
-
-        faiss.omp_set_num_threads(max(1, int(self.get_parameter("faiss_threads").value)))
+        self.faiss_threads = max(1, int(self.get_parameter("faiss_threads").value))
         self.localizer = Localizer(self.map, LocalizerConfig.from_dict(get_section(self, "localizer", defaults)))
         self.frame_id = self.get_parameter("frame_id").value
         self.loop_threshold = float(self.get_parameter("loop_closure.score_threshold").value)
@@ -93,6 +91,11 @@ class LocalizerNode(Node):
         return TransformBroadcaster(self)
 
     def _process(self, msg: Image) -> None:
+        if self.faiss_threads:  # OpenMP thread counts are per thread: set it in the worker thread
+            import faiss
+
+            faiss.omp_set_num_threads(self.faiss_threads)
+            self.faiss_threads = 0
         t0 = time.perf_counter()
         desc = msg_to_descriptor(msg)
         if desc.shape[0] != 1 or desc.shape[1] != self.dim:

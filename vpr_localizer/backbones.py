@@ -56,7 +56,11 @@ class Preprocessing:
         Returns:
             ``float32`` tensor ``(B, 3, H, W)``.
         """
-        x = torch.as_tensor(np.ascontiguousarray(images) if isinstance(images, np.ndarray) else images)
+        if isinstance(images, np.ndarray):
+            images = np.ascontiguousarray(images)
+            if not images.flags.writeable:  # e.g. np.asarray(PIL image): torch wants a writable buffer
+                images = images.copy()
+        x = torch.as_tensor(images)
         if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
             raise ValueError(f"expected uint8 (B, H, W, 3) RGB images, got {tuple(x.shape)} {x.dtype}")
         x = x.to(device).permute(0, 3, 1, 2).float()

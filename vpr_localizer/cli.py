@@ -4,6 +4,9 @@ build-map   images (EXIF GPS | CSV | frame index) -> map directory
 localize    offline batch localisation of an image folder against a map -> CSV / JSON
 evaluate    recall@N, errors, baselines and plots for a scenario or two image sets
 demo        every real-data scenario, then the results table
+make-bag    images (+ GPS / positions) -> rosbag2 (sqlite3 or MCAP) at a fixed rate
+replay      publish a rosbag2 with its original timing (real ROS 2, rclpy)
+run         start the ROS 2 nodes of a parameter YAML in one process
 
 Errors a user can cause end the command with one readable line on stderr and exit status 2.
 """
@@ -165,6 +168,83 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _parse_remaps(items: Optional[List[str]]) -> List[tuple]:
+    """``["FROM:=TO", ...]`` -> ``[(FROM, TO), ...]``; ValueError on a malformed entry."""
+    out = []
+    for item in items or []:
+        src, sep, dst = item.partition(":=")
+        if not sep or not src or not dst:
+            raise ValueError(f"remap {item!r} must look like FROM:=TO")
+        out.append((src, dst))
+    return out
+
+
+def _cmd_make_bag(args) -> int:
+    from .bags import make_bag
+    from .records import load_records
+
+    recs = load_records(args.images, args.csv, args.gps, args.select)
+    s = make_bag(recs, args.out, rate_hz=args.rate, storage=args.storage, image_topic=args.image_topic,
+                 fix_topic=args.fix_topic, compressed=args.compressed,
+                 size_wh=tuple(args.resize) if args.resize else None)
+    topics = ", ".join(f"{t} {n}" for t, n in s["messages"].items())
+    print(f"bag written to {s['path']}: {s['images_written']} of {len(recs)} images "
+          f"({'CompressedImage jpeg' if s['compressed'] else 'Image rgb8'}), {s['storage']}, "
+          f"{s['rate_hz']:g} Hz, {s['duration_s']:.1f} s; messages: {topics}; skipped {len(s['skipped'])}")
+    return 0
+
+
+def _cmd_replay(args) -> int:
+    import signal
+    import threading
+
+    import rclpy
+    from rclpy.context import Context
+    from rclpy.signals import SignalHandlerOptions
+
+    from vpr_ros.replay import replay_bag
+
+    remap = dict(_parse_remaps(args.remap))
+    if args.rate <= 0:
+        raise ValueError(f"--rate must be > 0, got {args.rate}")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    context = Context()
+    rclpy.init(args=[], context=context, signal_handler_options=SignalHandlerOptions.NO)
+    node = None
+    try:
+        node = rclpy.create_node("vpr_replay", context=context)
+        stats = replay_bag(node, args.bag, rate=args.rate, topics=args.topics, remap=remap, stop=stop,
+                           start_delay_s=args.start_delay)
+    finally:
+        if node is not None:
+            node.destroy_node()
+        rclpy.shutdown(context=context)
+    counts = ", ".join(f"{remap.get(t, t)} {n}" for t, n in stats.published.items()) or "nothing"
+    print(f"replayed {args.bag} at rate {args.rate:g}{' (stopped early)' if stop.is_set() else ''}: "
+          f"published {counts} in {stats.wall_s:.1f} s (bag time {stats.bag_s:.1f} s)")
+    return 0
+
+
+def _cmd_run(args) -> int:
+    from vpr_ros.graph import NODE_CLASSES, run
+
+    names = None
+    if args.nodes:
+        names = [n.strip() for n in args.nodes.split(",") if n.strip()]
+        unknown = [n for n in names if n not in NODE_CLASSES]
+        if unknown or not names:
+            raise ValueError(f"unknown node(s) {', '.join(unknown) or '(none given)'}; "
+                             f"choose from {', '.join(NODE_CLASSES)}")
+    if args.duration is not None and args.duration < 0:
+        raise ValueError(f"--duration must be >= 0, got {args.duration}")
+    extra: List[str] = []
+    for src, dst in _parse_remaps(args.remap):
+        extra += ["-r", f"{src}:={dst}"]
+    return run(args.params, names, args.duration, extra)  # bad parameters: one fatal line, status 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     from map_builder.cli import add_build_map_parser
 
@@ -214,6 +294,38 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-map", action="store_true")
     add_encoder_args(d)
     d.set_defaults(func=_cmd_demo)
+
+    mb = sub.add_parser("make-bag", help="pack images and their GPS/positions into a rosbag2")
+    mb.add_argument("--images", required=True, help="image folder")
+    mb.add_argument("--csv", help="CSV with positions; paths relative to --images")
+    mb.add_argument("--gps", default="auto", choices=["auto", "exif", "none"])
+    mb.add_argument("--select", default="all", choices=["all", "even", "odd"])
+    mb.add_argument("--out", required=True, help="bag directory to create (must not exist)")
+    mb.add_argument("--rate", type=float, default=2.0, help="image rate, Hz (default 2)")
+    mb.add_argument("--storage", default="sqlite3", choices=["sqlite3", "mcap"])
+    mb.add_argument("--compressed", action="store_true", help="sensor_msgs/CompressedImage (JPEG)")
+    mb.add_argument("--image-topic", default="/camera/image_raw")
+    mb.add_argument("--fix-topic", default="/gps/fix")
+    mb.add_argument("--resize", nargs=2, type=int, metavar=("W", "H"), help="resize every image, pixels")
+    mb.set_defaults(func=_cmd_make_bag)
+
+    r = sub.add_parser("replay", help="publish a rosbag2 with its original timing (ROS 2)")
+    r.add_argument("bag", help="rosbag2 directory or storage file")
+    r.add_argument("--rate", type=float, default=1.0, help="speed factor (2 = twice as fast)")
+    r.add_argument("--topics", nargs="+", help="only these bag topics")
+    r.add_argument("--remap", nargs="+", action="extend", metavar="FROM:=TO",
+                   help="publish bag topic FROM as TO (e.g. /camera/image_raw:=image)")
+    r.add_argument("--start-delay", type=float, default=1.0,
+                   help="seconds between creating the publishers and the first message (discovery)")
+    r.set_defaults(func=_cmd_replay)
+
+    g = sub.add_parser("run", help="start the ROS 2 nodes of a parameter YAML in one process")
+    g.add_argument("--params", required=True, help="ROS 2 parameter YAML (node_name: ros__parameters: ...)")
+    g.add_argument("--nodes", help="comma-separated subset of the nodes in the file")
+    g.add_argument("--duration", type=float, help="stop after this many seconds (default: until Ctrl-C)")
+    g.add_argument("--remap", nargs="+", action="extend", metavar="FROM:=TO",
+                   help="topic remaps for every node (e.g. image:=/camera/image_raw)")
+    g.set_defaults(func=_cmd_run)
     return p
 
 

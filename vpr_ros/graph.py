@@ -22,6 +22,15 @@ NODE_CLASSES: Dict[str, str] = {
 }
 
 
+def startup_errors() -> tuple:
+    """Exceptions that mean "bad configuration" when a node is constructed (one fatal line, exit 2):
+    our own :class:`VprError` (missing map, weights ...) and rclpy's parameter / name errors
+    (e.g. an int in the YAML where the node expects a double)."""
+    from rclpy.exceptions import NameValidationException, ParameterException
+
+    return (VprError, ParameterException, NameValidationException)
+
+
 def node_names_in(params_file: str) -> List[str]:
     """Node names of the suite listed in a parameter file, in start-up order.
 
@@ -111,7 +120,7 @@ def run(params_file: str, names: Optional[Sequence[str]] = None, duration_s: Opt
     log = logging.getLogger("vpr_localizer.run")
     try:
         graph = Graph(params_file, names, extra_args)
-    except VprError as exc:
+    except startup_errors() as exc:
         log.critical("cannot start: %s", exc)
         return 2
     stop = threading.Event()
@@ -147,7 +156,7 @@ def spin_single_node(factory, name: str, argv: Optional[Sequence[str]] = None) -
     try:
         try:
             node = factory()
-        except VprError as exc:
+        except startup_errors() as exc:
             rclpy.logging.get_logger(name).fatal(f"cannot start: {exc}")
             return 2
         executor = MultiThreadedExecutor()

@@ -1,0 +1,722 @@
+"""``map_builder`` node: live mapping from a camera (+ GNSS fix or odometry) into a VPR map.
+
+Subscribes:
+    ``image`` (sensor_msgs/Image, sensor-data QoS; newest frame only, through
+    :class:`~vpr_ros.latest.LatestFrameWorker`), or ``image/compressed``
+    (sensor_msgs/CompressedImage) with ``compressed: true``;
+    ``fix`` (sensor_msgs/NavSatFix) with ``position_source: fix``, or ``odom``
+    (nav_msgs/Odometry) with ``position_source: odom`` -- best effort, depth 10, so that both
+    sensor-QoS (best effort) and reliable publishers connect.
+Publishes:
+    ``vpr/loop_closure`` (std_msgs/Float64MultiArray, reliable, LIO-SAM layout
+    ``[query_stamp_s, match_stamp_s, score, keyframe_id]``) for every loop-closure candidate
+    between a new keyframe and one at least ``loop_min_age_s`` older;
+    ``diagnostics`` (diagnostic_msgs/DiagnosticArray: keyframes, loop closures, received /
+    dropped / bad frames, encode time, flushes).
+Writes:
+    the map directory ``map_path`` (same format as ``vpr-localizer build-map``, so
+    :meth:`VprMap.load` and :func:`~vpr_localizer.localize.encoder_for_map` open it), atomically
+    (:func:`~vpr_localizer.map_store.write_map`), every ``flush_interval_s`` from a timer and in
+    :meth:`MapBuilderNode.flush` (which ``Graph.shutdown`` and :func:`main` call on shutdown).
+
+Keyframes
+    With a position source, a frame becomes a keyframe when the camera moved at least
+    ``keyframe_distance`` metres (horizontal x-y distance in the map frame: GNSS altitude is
+    too noisy to trigger keyframes) since the last keyframe; the first positioned frame is
+    always one. The position of a frame is taken at its header stamp from the two newest
+    positions (the only ones kept): linear interpolation when they bracket the stamp, else the
+    nearest one when it is at most ``max_position_age_s`` away. A camera frame usually arrives
+    just *before* the fix with the same stamp, so the worker waits up to ``position_wait_s``
+    for a position at or after the frame's stamp. Frames without a usable position are counted
+    (``no_position``) and never become keyframes.
+    Without a position source (``position_source: none``), a keyframe is taken every
+    ``keyframe_interval_s`` seconds of header time (0 = every frame).
+    Map frame: ``fix`` -> local ENU (REP-103) whose datum is the first valid fix (altitude 0
+    when the fix has none); ``odom`` -> the odometry frame itself (no datum).
+    ``Keyframe.frame`` is the 0-based arrival number of the image message on the image topic
+    (dropped frames are counted too), so it identifies the frame in the stream.
+
+Encoder
+    ``encoder.*`` parameters are the fields of :class:`~vpr_localizer.encoder.EncoderConfig`
+    (``encoder.weights`` is required for vgg16; ``encoder.checkpoint`` loads a trained
+    aggregator, and its PCA when it has one). Without a checkpoint, NetVLAD is *bootstrapped*
+    on the run itself: the backbone feature maps of the first ``bootstrap_keyframes`` keyframes
+    are buffered (at most that many, a few hundred kB each at 160x120), local features are
+    sampled from them exactly as :meth:`Encoder.sample_local_features` does (same per-image
+    count and seeded RNG, so the result equals ``fit_aggregator`` on those images), k-means
+    initialises NetVLAD, the buffered keyframes are aggregated and mapping goes on. Buffering
+    feature maps instead of images keeps the per-frame cost flat: the bootstrap step itself
+    is only k-means plus a few cheap aggregations. Keyframes arriving before the bootstrap
+    cannot be published as descriptors yet; they enter the map (and loop detection) in order
+    when it completes; a shutdown before that completes it with the keyframes buffered so far.
+
+    Live maps use no PCA whitening (``encoder.pca_dim`` is forced to 0) unless the checkpoint
+    brings one: PCA would have to be fitted on the *finished* map, and refitting it while the
+    map grows would change the meaning of every descriptor already computed -- the ones in the
+    index and loop-closure detector and any published downstream -- which must stay valid for
+    the whole run. A fixed, pre-trained PCA from a checkpoint is fine.
+
+Loop closures
+    :class:`~vpr_localizer.loop_closure.LoopClosureDetector` (``loop_min_age_s``,
+    ``loop_score_threshold``, ``loop_top_k``) over the keyframe descriptors. Its in-memory
+    ``faiss.IndexFlatIP`` *is* the map index (row i = keyframe i), so descriptors are held once.
+    Candidates are also kept in ``self.loop_closures``.
+
+Errors
+    Bad configuration (empty ``map_path``, an existing map without ``overwrite: true``,
+    unknown ``position_source``, vgg16 without weights, too few local features for K) raises
+    :class:`ConfigError` / :class:`~vpr_localizer.errors.VprError` from the constructor (fatal:
+    :func:`main` logs one line and exits with status 2). A bad frame (undecodable image,
+    wrong encoding) is logged and dropped; the node keeps running. A failed periodic flush is
+    logged and retried at the next one.
+"""
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass, replace
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from diagnostic_msgs.msg import DiagnosticArray
+from nav_msgs.msg import Odometry
+from rcl_interfaces.msg import ParameterDescriptor
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.node import Node
+from sensor_msgs.msg import CompressedImage, Image, NavSatFix, NavSatStatus
+from std_msgs.msg import Float64MultiArray
+
+from vpr_localizer.encoder import Encoder, EncoderConfig
+from vpr_localizer.errors import MapError, VprError, WeightsError
+from vpr_localizer.geodesy import EnuDatum
+from vpr_localizer.images import resize_image
+from vpr_localizer.loop_closure import LoopCandidate, LoopClosureConfig, LoopClosureDetector
+from vpr_localizer.map_store import Keyframe, write_map
+from vpr_ros.convert import image_msg_to_rgb, stamp_to_sec
+from vpr_ros.diagnostics import OK, WARN, diagnostics_msg
+from vpr_ros.latest import LatestFrameWorker
+from vpr_ros.params import dataclass_defaults, declare_section, get_section
+from vpr_ros.qos import reliable_qos, sensor_qos
+
+POSITION_SOURCES = ("fix", "odom", "none")
+
+
+class ConfigError(VprError, ValueError):
+    """A parameter of the map_builder node is invalid (fatal at start-up)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# ROS-free helpers (candidates for the core, see the module doc)
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Position:
+    """A position sample in the map frame.
+
+    Attributes:
+        stamp: header time, s.
+        x, y, z: map-frame position, metres.
+        q: orientation (qx, qy, qz, qw) in the map frame (identity when unknown).
+        lat, lon, alt: WGS84 (degrees, metres) or NaN when the source is not GNSS.
+    """
+
+    stamp: float
+    x: float
+    y: float
+    z: float
+    q: Tuple[float, float, float, float] = (0.0, 0.0, 0.0, 1.0)
+    lat: float = math.nan
+    lon: float = math.nan
+    alt: float = math.nan
+
+
+def interpolate_position(a: Position, b: Position, t: float) -> Position:
+    """Linear interpolation between two samples at time ``t`` (``a.stamp <= t <= b.stamp``).
+
+    Positions and WGS84 coordinates are interpolated linearly (fine over the metres between
+    two fixes); the orientation is the nearer sample's.
+    """
+    if b.stamp <= a.stamp:
+        return b
+    w = min(max((t - a.stamp) / (b.stamp - a.stamp), 0.0), 1.0)
+
+    def lerp(u: float, v: float) -> float:
+        return u + w * (v - u)
+
+    return Position(t, lerp(a.x, b.x), lerp(a.y, b.y), lerp(a.z, b.z), a.q if w < 0.5 else b.q,
+                    lerp(a.lat, b.lat), lerp(a.lon, b.lon), lerp(a.alt, b.alt))
+
+
+class LatestPositions:
+    """The two newest position samples (thread-safe, bounded), queried by stamp.
+
+    ``put`` is called from the position callback, :meth:`at` from the image worker.
+    """
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._prev: Optional[Position] = None
+        self._last: Optional[Position] = None
+
+    def put(self, pos: Position) -> None:
+        with self._cond:
+            if self._last is not None and pos.stamp < self._last.stamp:
+                # out of order (or time jumped back): restart the history from this sample
+                self._prev, self._last = None, pos
+            else:
+                self._prev, self._last = self._last, pos
+            self._cond.notify_all()
+
+    def newest(self) -> Optional[Position]:
+        with self._cond:
+            return self._last
+
+    def at(self, t: float, wait_s: float = 0.0, max_age_s: float = 1.0) -> Optional[Position]:
+        """Position at time ``t``.
+
+        Waits up to ``wait_s`` (wall time) for a sample stamped at or after ``t``; then
+        interpolates between the two newest samples when they bracket ``t``, else returns the
+        nearest sample if it is at most ``max_age_s`` from ``t`` (else None).
+        """
+        deadline = time.monotonic() + max(0.0, wait_s)
+        with self._cond:
+            while self._last is None or self._last.stamp < t:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            prev, last = self._prev, self._last
+        if last is None:
+            return None
+        if prev is not None and prev.stamp <= t <= last.stamp:
+            return interpolate_position(prev, last, t)
+        nearest = min((p for p in (prev, last) if p is not None), key=lambda p: abs(p.stamp - t))
+        return nearest if abs(nearest.stamp - t) <= max_age_s else None
+
+
+def sample_local_features_from_maps(feature_maps, per_image: int, rng: np.random.Generator) -> np.ndarray:
+    """L2-normalised local features sampled from in-memory backbone feature maps.
+
+    The in-memory counterpart of :meth:`Encoder.sample_local_features`: for each image of the
+    batch, ``min(per_image, h*w)`` feature-map locations drawn without replacement by ``rng``.
+
+    Args:
+        feature_maps: ``(B, C, h, w)`` torch tensor (any device).
+        per_image: locations per image.
+        rng: NumPy generator (advanced in place, image by image, as the encoder does).
+
+    Returns:
+        ``(N, C)`` float32.
+    """
+    import torch.nn.functional as F
+
+    feats = F.normalize(feature_maps.float(), p=2, dim=1)  # preL2, as NetVLAD
+    b, c, h, w = feats.shape
+    flat = feats.permute(0, 2, 3, 1).reshape(b, h * w, c).cpu().numpy()
+    out = [flat[i, rng.choice(h * w, size=min(per_image, h * w), replace=False)] for i in range(b)]
+    return np.concatenate(out).astype(np.float32) if out else np.zeros((0, c), np.float32)
+
+
+class NetVLADBootstrap:
+    """Initialises an untrained NetVLAD encoder from the first keyframes of a live run.
+
+    Args:
+        encoder: an :class:`~vpr_localizer.encoder.Encoder` with an untrained NetVLAD.
+        num_keyframes: keyframes to buffer before k-means (>= 1).
+
+    ``add(feature_maps, item)`` buffers one keyframe's ``(1, C, h, w)`` feature maps (kept on
+    the CPU) with an opaque ``item``; :meth:`finish` runs k-means, initialises NetVLAD and
+    returns ``[(descriptor (D,), item), ...]`` in the order added. The sampling equals
+    ``encoder.fit_aggregator(paths)`` on the same images when ``num_keyframes`` does not
+    exceed ``kmeans_max_images``.
+    """
+
+    def __init__(self, encoder, num_keyframes: int):
+        cfg = encoder.config
+        self.encoder = encoder
+        self.capacity = max(1, int(num_keyframes))
+        n = min(self.capacity, max(1, int(cfg.kmeans_max_images)))
+        self.per_image = max(1, math.ceil(cfg.kmeans_max_features / n))
+        self.rng = np.random.default_rng(cfg.seed)
+        self._maps: List[Any] = []
+        self._items: List[Any] = []
+        self._samples: List[np.ndarray] = []
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def full(self) -> bool:
+        return len(self._items) >= self.capacity
+
+    @property
+    def num_features(self) -> int:
+        return int(sum(len(s) for s in self._samples))
+
+    def add(self, feature_maps, item: Any) -> None:
+        if self.full:
+            raise RuntimeError("bootstrap buffer is full: call finish()")
+        self._samples.append(sample_local_features_from_maps(feature_maps, self.per_image, self.rng))
+        self._maps.append(feature_maps.detach().cpu())
+        self._items.append(item)
+
+    def finish(self) -> List[Tuple[np.ndarray, Any]]:
+        """k-means on the sampled features, NetVLAD initialisation, then the buffered keyframes'
+        descriptors. The buffer is emptied.
+
+        Raises:
+            ValueError: fewer local features than clusters, or nothing buffered.
+        """
+        from vpr_localizer.aggregation import kmeans_centroids
+
+        enc = self.encoder
+        if not self._items:
+            raise ValueError("NetVLAD bootstrap: no keyframe buffered")
+        sample = np.concatenate(self._samples)
+        k = int(enc.config.num_clusters)
+        if len(sample) < k:
+            raise ValueError(f"NetVLAD bootstrap needs >= {k} local features, the {len(self._items)} buffered "
+                             f"keyframe(s) gave {len(sample)} (larger image_size or smaller num_clusters)")
+        centroids = kmeans_centroids(sample, k, niter=enc.config.kmeans_iterations, seed=enc.config.seed)
+        enc.aggregator.init_from_clusters(centroids, sample)
+        enc.aggregator.to(enc.device)
+        enc.trained = True
+        out = []
+        for fm, item in zip(self._maps, self._items):
+            desc = enc.apply_pca(enc.aggregate(fm.to(enc.device)))[0]
+            out.append((desc, item))
+        self._maps, self._items, self._samples = [], [], []
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the node
+# ----------------------------------------------------------------------------------------------
+
+#: Node parameters besides ``encoder.*`` (name -> default).
+PARAMETERS: Dict[str, Any] = {
+    "map_path": "",
+    "overwrite": False,
+    "position_source": "none",
+    "keyframe_distance": 2.0,
+    "keyframe_interval_s": 1.0,
+    "position_wait_s": 0.1,
+    "max_position_age_s": 1.0,
+    "bootstrap_keyframes": 10,
+    "flush_interval_s": 10.0,
+    "loop_min_age_s": 20.0,
+    "loop_score_threshold": 0.5,
+    "loop_top_k": 50,
+    "compressed": False,
+    "sequence": "",
+    "condition": "",
+}
+_NUMERIC = {k for k, v in PARAMETERS.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+class MapBuilderNode(Node):
+    """The ``map_builder`` node (see module doc).
+
+    Attributes of interest to tests and tools: ``keyframes`` (list of
+    :class:`~vpr_localizer.map_store.Keyframe`), ``loop_closures`` (list of
+    :class:`~vpr_localizer.loop_closure.LoopCandidate`), ``worker`` (its ``stats``),
+    ``encoder``, ``datum``, ``flushes``.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__("map_builder", **kwargs)
+        self._stopped = True  # nothing to stop or flush until the worker exists
+        try:
+            self._setup()
+        except BaseException:
+            self.destroy_node()  # a half-built node must not linger in the context
+            raise
+
+    def _setup(self) -> None:
+        for name, default in PARAMETERS.items():
+            # numbers accept int or float in YAML (``keyframe_interval_s: 0`` is fine)
+            desc = ParameterDescriptor(dynamic_typing=True) if name in _NUMERIC else None
+            self.declare_parameter(name, default, desc)
+        enc_defaults = dict(dataclass_defaults(EncoderConfig), pca_dim=0)  # no PCA live (module doc)
+        declare_section(self, "encoder", enc_defaults)
+        p = {name: self.get_parameter(name).value for name in PARAMETERS}
+        try:
+            for name in _NUMERIC:
+                p[name] = float(p[name])
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"numeric parameter expected: {exc}") from exc
+
+        self.map_path = os.path.abspath(p["map_path"]) if p["map_path"] else ""
+        if not self.map_path:
+            raise MapError("parameter map_path is empty: set it to the map directory to write")
+        if os.path.exists(self.map_path) and not p["overwrite"]:
+            raise MapError(f"map_path {self.map_path} exists already: set overwrite: true to replace it")
+        self.position_source = str(p["position_source"]).lower()
+        if self.position_source not in POSITION_SOURCES:
+            raise ConfigError(f"position_source must be one of {', '.join(POSITION_SOURCES)}, "
+                              f"got {p['position_source']!r}")
+        for name in ("keyframe_distance", "keyframe_interval_s", "position_wait_s", "max_position_age_s",
+                     "loop_min_age_s"):
+            if not (math.isfinite(p[name]) and p[name] >= 0):
+                raise ConfigError(f"{name} must be a finite number >= 0, got {p[name]}")
+        if p["bootstrap_keyframes"] < 1 or p["loop_top_k"] < 1:
+            raise ConfigError("bootstrap_keyframes and loop_top_k must be >= 1")
+        self.keyframe_distance = p["keyframe_distance"]
+        self.keyframe_interval_s = p["keyframe_interval_s"]
+        self.position_wait_s = p["position_wait_s"]
+        self.max_position_age_s = p["max_position_age_s"]
+        self.sequence, self.condition = str(p["sequence"]), str(p["condition"])
+
+        self.encoder = self._make_encoder(get_section(self, "encoder", enc_defaults))
+        self.bootstrap: Optional[NetVLADBootstrap] = None
+        if not self.encoder.trained:
+            self.bootstrap = NetVLADBootstrap(self.encoder, int(p["bootstrap_keyframes"]))
+            self._check_bootstrap_features()
+
+        self.detector = LoopClosureDetector(self.encoder.dim, LoopClosureConfig(
+            min_age_s=p["loop_min_age_s"], score_threshold=p["loop_score_threshold"],
+            top_k=int(p["loop_top_k"])))
+        self.keyframes: List[Keyframe] = []
+        self.loop_closures: List[LoopCandidate] = []
+        self.datum: Optional[EnuDatum] = None
+        self.positions = LatestPositions()
+        self.flushes = 0
+        self.flush_errors = 0
+        self.last_flush_error = ""
+        self.no_position = 0
+        self.bad_positions = 0
+        self.last_encode_ms = math.nan
+        self._frame_seq = 0
+        self._last_kf_stamp: Optional[float] = None
+        self._last_kf_pos: Optional[Position] = None
+        self._flushed_count = 0
+        self._ckpt: Optional[Dict] = None
+        self._fingerprint: Optional[Dict] = None
+        self._lock = threading.RLock()        # map state + encoder initialisation
+        self._flush_lock = threading.Lock()   # one map write at a time (write_map uses a per-pid temp dir)
+        if self.encoder.trained:
+            self._freeze_encoder()
+
+        self.pub_loop = self.create_publisher(Float64MultiArray, "vpr/loop_closure", reliable_qos())
+        self.pub_diag = self.create_publisher(DiagnosticArray, "diagnostics", reliable_qos())
+        self.worker = LatestFrameWorker(self._process, self.get_logger(), "map_builder")
+        self._stopped = False
+        inputs = MutuallyExclusiveCallbackGroup()
+        if p["compressed"]:
+            self.create_subscription(CompressedImage, "image/compressed", self._on_image, sensor_qos(),
+                                     callback_group=inputs)
+        else:
+            self.create_subscription(Image, "image", self._on_image, sensor_qos(), callback_group=inputs)
+        if self.position_source == "fix":
+            self.create_subscription(NavSatFix, "fix", self._on_fix, sensor_qos(depth=10),
+                                     callback_group=MutuallyExclusiveCallbackGroup())
+        elif self.position_source == "odom":
+            self.create_subscription(Odometry, "odom", self._on_odom, sensor_qos(depth=10),
+                                     callback_group=MutuallyExclusiveCallbackGroup())
+        if p["flush_interval_s"] > 0:
+            self.create_timer(p["flush_interval_s"], self._on_flush_timer,
+                              callback_group=MutuallyExclusiveCallbackGroup())
+        cfg = self.encoder.config
+        self.get_logger().info(
+            f"mapping into {self.map_path}: {cfg.backbone}/{cfg.aggregator}"
+            f"{f' K={cfg.num_clusters}' if cfg.aggregator == 'netvlad' else ''} at "
+            f"{cfg.image_size[0]}x{cfg.image_size[1]} on {self.encoder.device}, "
+            f"{'checkpoint ' + cfg.checkpoint if cfg.checkpoint else ('NetVLAD bootstrap on the first ' + str(self.bootstrap.capacity) + ' keyframes' if self.bootstrap is not None else 'no fitting needed')}; "
+            f"keyframes {'every ' + str(self.keyframe_distance) + ' m' if self.position_source != 'none' else 'every ' + str(self.keyframe_interval_s) + ' s'} "
+            f"(position from {self.position_source}); flush every {p['flush_interval_s']} s")
+
+    # --- set-up -------------------------------------------------------------------------
+
+    def _make_encoder(self, section: Dict) -> Encoder:
+        try:
+            cfg = EncoderConfig.from_dict(section)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"encoder parameters: {exc}") from exc
+        if cfg.backbone == "vgg16" and not cfg.weights:
+            raise WeightsError("encoder.weights is required for the vgg16 backbone "
+                               "(e.g. ../shared/weights/vgg16_features_imagenet_caffe_bgr.pth)")
+        if cfg.pca_dim:
+            self.get_logger().info(f"encoder.pca_dim={cfg.pca_dim} ignored: live maps fit no PCA "
+                                   "(only a checkpoint's fixed PCA is used)")
+        try:
+            return Encoder(replace(cfg, pca_dim=0))
+        except ValueError as exc:
+            raise ConfigError(f"encoder parameters: {exc}") from exc
+
+    def _check_bootstrap_features(self) -> None:
+        """Fail at start-up (not after N keyframes) when N keyframes cannot give K local features."""
+        import torch
+
+        w, h = self.encoder.config.image_size
+        with torch.no_grad():
+            fm = self.encoder.feature_maps(np.zeros((1, int(h), int(w), 3), np.uint8))
+        per = min(self.bootstrap.per_image, int(fm.shape[2] * fm.shape[3]))
+        k = int(self.encoder.config.num_clusters)
+        if per * self.bootstrap.capacity < k:
+            raise ConfigError(f"NetVLAD bootstrap: {self.bootstrap.capacity} keyframe(s) x {per} local features "
+                              f"< K={k}; raise bootstrap_keyframes or encoder.image_size, or lower num_clusters")
+
+    def _freeze_encoder(self) -> None:
+        """Cache the checkpoint and fingerprint once the encoder is final (written at every flush)."""
+        self._ckpt = self.encoder.checkpoint_state()
+        self._fingerprint = self.encoder.fingerprint()
+
+    # --- callbacks ----------------------------------------------------------------------
+
+    def _on_image(self, msg) -> None:
+        seq = self._frame_seq  # callbacks of the input group never run concurrently
+        self._frame_seq += 1
+        self.worker.offer((seq, msg))
+
+    def _on_fix(self, msg: NavSatFix) -> None:
+        lat, lon, alt = float(msg.latitude), float(msg.longitude), float(msg.altitude)
+        if msg.status.status < NavSatStatus.STATUS_FIX or not (math.isfinite(lat) and math.isfinite(lon)):
+            self.bad_positions += 1
+            self.get_logger().warning(f"ignoring NavSatFix without a valid fix (status {msg.status.status}, "
+                                      f"lat {lat}, lon {lon})", throttle_duration_sec=5.0)
+            return
+        if self.datum is None:
+            self.datum = EnuDatum(lat, lon, alt if math.isfinite(alt) else 0.0)
+            self.get_logger().info(f"ENU datum = first fix: lat {lat:.7f}, lon {lon:.7f}, alt {self.datum.alt:.1f} m")
+        has_alt = math.isfinite(alt)
+        e, n, u = self.datum.to_enu(lat, lon, alt if has_alt else None)
+        self.positions.put(Position(stamp_to_sec(msg.header.stamp), float(e), float(n),
+                                    float(u) if has_alt else 0.0, lat=lat, lon=lon,
+                                    alt=alt if has_alt else math.nan))
+
+    def _on_odom(self, msg: Odometry) -> None:
+        p, q = msg.pose.pose.position, msg.pose.pose.orientation
+        vals = (p.x, p.y, p.z, q.x, q.y, q.z, q.w)
+        if not all(math.isfinite(v) for v in vals):
+            self.bad_positions += 1
+            self.get_logger().warning("ignoring Odometry with non-finite pose", throttle_duration_sec=5.0)
+            return
+        self.positions.put(Position(stamp_to_sec(msg.header.stamp), float(p.x), float(p.y), float(p.z),
+                                    (float(q.x), float(q.y), float(q.z), float(q.w))))
+
+    def _on_flush_timer(self) -> None:
+        try:
+            self._flush(finish_bootstrap=False)
+        except Exception as exc:  # noqa: BLE001 - the timer must survive; retried next period
+            self.flush_errors += 1
+            self.last_flush_error = str(exc)
+            self.get_logger().error(f"periodic map flush failed (retrying next time): {exc}")
+
+    # --- the image worker ------------------------------------------------------------------
+
+    def _is_keyframe(self, stamp: float, pos: Optional[Position]) -> bool:
+        if self._last_kf_stamp is None:
+            return True
+        if pos is not None and self._last_kf_pos is not None:
+            return math.hypot(pos.x - self._last_kf_pos.x, pos.y - self._last_kf_pos.y) >= self.keyframe_distance
+        if pos is not None:
+            return True
+        dt = stamp - self._last_kf_stamp
+        if dt < 0:
+            self.get_logger().warning(f"image header time went back by {-dt:.3f} s: taking a keyframe",
+                                      throttle_duration_sec=5.0)
+            return True
+        return dt >= self.keyframe_interval_s - 1e-9
+
+    def _process(self, item) -> None:
+        seq, msg = item
+        rgb = image_msg_to_rgb(msg)
+        stamp = stamp_to_sec(msg.header.stamp)
+        pos = None
+        if self.position_source != "none":
+            pos = self.positions.at(stamp, self.position_wait_s, self.max_position_age_s)
+            if pos is None:
+                self.no_position += 1
+                self.get_logger().warning(
+                    f"frame {seq} (stamp {stamp:.3f}) has no {self.position_source} position within "
+                    f"{self.max_position_age_s} s: not a keyframe", throttle_duration_sec=5.0)
+                self._publish_diagnostics()
+                return
+        if not self._is_keyframe(stamp, pos):
+            self._publish_diagnostics()
+            return
+        t0 = time.perf_counter()
+        img = resize_image(rgb, self.encoder.config.image_size)
+        if not img.flags.writeable:  # a read-only view of the message buffer: torch wants to own it
+            img = img.copy()
+        feats = self.encoder.feature_maps(img[None])
+        kf = Keyframe(id=-1, stamp=stamp, frame=seq, sequence=self.sequence, condition=self.condition)
+        if pos is not None:
+            kf = replace(kf, x=pos.x, y=pos.y, z=pos.z, qx=pos.q[0], qy=pos.q[1], qz=pos.q[2], qw=pos.q[3],
+                         lat=pos.lat, lon=pos.lon, alt=pos.alt)
+        with self._lock:
+            if self.encoder.trained:
+                desc = self.encoder.apply_pca(self.encoder.aggregate(feats))[0]
+                cands = [self._add_keyframe_locked(kf, desc)]
+            else:
+                self.bootstrap.add(feats, kf)
+                cands = self._finish_bootstrap_locked() if self.bootstrap.full else []
+        self.last_encode_ms = 1e3 * (time.perf_counter() - t0)
+        self._last_kf_stamp, self._last_kf_pos = stamp, pos
+        self._publish_loops(cands)
+        self._publish_diagnostics()
+
+    def _add_keyframe_locked(self, kf: Keyframe, desc: np.ndarray) -> Optional[LoopCandidate]:
+        kf = replace(kf, id=len(self.keyframes))
+        cand = self.detector.add(np.ascontiguousarray(desc, np.float32), kf.stamp)
+        self.keyframes.append(kf)
+        if cand is not None:
+            self.loop_closures.append(cand)
+        return cand
+
+    def _finish_bootstrap_locked(self) -> List[Optional[LoopCandidate]]:
+        t0 = time.perf_counter()
+        n, nfeat = len(self.bootstrap), self.bootstrap.num_features
+        done = self.bootstrap.finish()
+        self._freeze_encoder()
+        cands = [self._add_keyframe_locked(kf, desc) for desc, kf in done]
+        self.get_logger().info(f"NetVLAD bootstrapped: k-means K={self.encoder.config.num_clusters} on {nfeat} "
+                               f"local features of {n} keyframe(s) in {time.perf_counter() - t0:.2f} s; "
+                               f"descriptors {self.encoder.dim}-D")
+        return cands
+
+    def _publish_loops(self, cands: Sequence[Optional[LoopCandidate]]) -> None:
+        for c in cands:
+            if c is None:
+                continue
+            self.pub_loop.publish(Float64MultiArray(data=c.as_array()))
+            self.get_logger().info(f"loop closure: keyframe {c.query_id} (t={c.query_stamp:.2f}) revisits "
+                                   f"keyframe {c.match_id} (t={c.match_stamp:.2f}), score {c.score:.3f}")
+
+    def _publish_diagnostics(self) -> None:
+        st = self.worker.stats
+        problems = []
+        if st.errors:
+            problems.append(f"{st.errors} bad frame(s); last: {st.last_error}")
+        if self.flush_errors:
+            problems.append(f"{self.flush_errors} failed flush(es); last: {self.last_flush_error}")
+        with self._lock:
+            n_kf, n_loops = len(self.keyframes), len(self.loop_closures)
+            pending = len(self.bootstrap) if self.bootstrap is not None and not self.encoder.trained else 0
+        self.pub_diag.publish(diagnostics_msg(
+            self.get_clock().now().to_msg(), "map_builder", WARN if problems else OK,
+            "; ".join(problems) if problems else ("bootstrapping NetVLAD" if pending else "mapping"),
+            {"keyframes": n_kf, "bootstrap_pending": pending, "loop_closures": n_loops,
+             "received": st.received, "processed": st.processed, "dropped": st.dropped, "errors": st.errors,
+             "no_position": self.no_position, "encode_ms": float(self.last_encode_ms),
+             "flushes": self.flushes, "flushed_keyframes": self._flushed_count}))
+
+    # --- writing the map ------------------------------------------------------------------
+
+    def flush(self, finish_bootstrap: bool = True) -> Optional[str]:
+        """Write the map now (atomically); meant for shutdown (``Graph.shutdown`` calls it).
+
+        Args:
+            finish_bootstrap: complete a NetVLAD bootstrap still waiting for keyframes with
+                those buffered so far, so that no keyframe is lost (the default, right at
+                shutdown). Pass False for a mid-run flush that must not initialise NetVLAD
+                on fewer than ``bootstrap_keyframes`` keyframes (the periodic timer does).
+
+        Nothing is written when the map has no keyframe or nothing changed since the last write.
+
+        Returns:
+            The map directory, or None when there was nothing to write.
+
+        Raises:
+            MapError: the map cannot be written.
+        """
+        return self._flush(finish_bootstrap)
+
+    def _flush(self, finish_bootstrap: bool) -> Optional[str]:
+        import faiss
+
+        with self._flush_lock:
+            cands: List[Optional[LoopCandidate]] = []
+            with self._lock:
+                if finish_bootstrap and not self.encoder.trained and self.bootstrap is not None \
+                        and len(self.bootstrap):
+                    cands = self._finish_bootstrap_locked()
+                n = len(self.keyframes)
+                if n == 0 or n == self._flushed_count:
+                    return self.map_path if n else None
+                keyframes = list(self.keyframes)
+                index = faiss.clone_index(self.detector.index)  # a copy: mapping goes on meanwhile
+            if cands:
+                try:
+                    self._publish_loops(cands)
+                except Exception:  # noqa: BLE001 - context may be shutting down
+                    pass
+            t0 = time.perf_counter()
+            extra = {"build": {
+                "weights": os.path.abspath(self.encoder.backbone.weights_path)
+                if getattr(self.encoder.backbone, "weights_path", None) else None,
+                "index": "flat", "images": n, "skipped": int(self.worker.stats.errors),
+                "source": "map_builder node (live)", "position_source": self.position_source,
+                "keyframe_distance": self.keyframe_distance, "keyframe_interval_s": self.keyframe_interval_s,
+                "loop_closures": len(self.loop_closures)}}
+            write_map(self.map_path, keyframes, index, self._ckpt, self._fingerprint, self.datum,
+                      extra=extra, overwrite=True)
+            self._flushed_count = n
+            self.flushes += 1
+            self.get_logger().info(f"map flushed: {n} keyframes -> {self.map_path} "
+                                   f"({1e3 * (time.perf_counter() - t0):.0f} ms)")
+            return self.map_path
+
+    def destroy_node(self):
+        """Stop the worker (finishing its frame), write what is not on disk yet, destroy."""
+        if not self._stopped:
+            self._stopped = True
+            self.worker.stop()
+            try:
+                self._flush(finish_bootstrap=True)
+            except Exception as exc:  # noqa: BLE001
+                self.get_logger().error(f"final map flush failed: {exc}")
+        return super().destroy_node()
+
+
+def main(args=None) -> int:
+    """Console entry point: run the node until Ctrl-C / SIGTERM, then flush the map.
+
+    Returns the exit status: 0, 1 when the final flush failed, 2 on a fatal configuration error.
+    """
+    import signal
+
+    import rclpy
+    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+    from rclpy.logging import get_logger
+    from rclpy.signals import SignalHandlerOptions
+
+    # our own Ctrl-C / SIGTERM handling: the context stays valid while the map is flushed
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+
+    def _interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        node = MapBuilderNode()
+    except (VprError, ValueError) as exc:
+        get_logger("map_builder").fatal(f"cannot start: {exc}")
+        rclpy.try_shutdown()
+        return 2
+    executor = MultiThreadedExecutor(num_threads=4)
+    executor.add_node(node)
+    status = 0
+    try:
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        try:
+            node.flush()
+        except VprError as exc:
+            node.get_logger().error(f"final map flush failed: {exc}")
+            status = 1
+        node.destroy_node()
+        executor.shutdown(timeout_sec=2.0)
+        rclpy.try_shutdown()
+    return status
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
