@@ -150,21 +150,33 @@ def _cmd_demo(args) -> int:
     from .report import results_table
     from .scenarios import SCENARIOS
 
-    names = args.scenarios.split(",") if args.scenarios else list(SCENARIOS)
-    all_metrics = {}
-    for n in names:
-        all_metrics[n] = _run_scenario(n, args)
-    table = results_table(all_metrics)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "summary.md"), "w") as f:
-        f.write(table + "\n")
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump({n: {"methods": {m: {k: v for k, v in e.items() if k != "recall_curve"}
-                                   for m, e in mm["methods"].items()},
-                       "encoder": mm["encoder"]} for n, mm in all_metrics.items()}, f, indent=2)
-    print()
-    print(table)
-    print(f"\nsummary written to {os.path.join(args.out, 'summary.md')}")
+    if not args.ros_only:
+        names = args.scenarios.split(",") if args.scenarios else list(SCENARIOS)
+        all_metrics = {}
+        for n in names:
+            all_metrics[n] = _run_scenario(n, args)
+        table = results_table(all_metrics)
+        with open(os.path.join(args.out, "summary.md"), "w") as f:
+            f.write(table + "\n")
+        with open(os.path.join(args.out, "summary.json"), "w") as f:
+            json.dump({n: {"methods": {m: {k: v for k, v in e.items() if k != "recall_curve"}
+                                       for m, e in mm["methods"].items()},
+                           "encoder": mm["encoder"]} for n, mm in all_metrics.items()}, f, indent=2)
+        print()
+        print(table)
+        print(f"\nsummary written to {os.path.join(args.out, 'summary.md')}")
+    if not args.no_ros:
+        from vpr_ros.demo import ros_demo
+
+        out = os.path.join(args.out, "ros_graph")
+        print(f"\n== ROS graph: map {args.ros_scenario} map images, replay its queries as a bag through "
+              "attention_node -> vpr_localizer")
+        m = ros_demo(args.shared, out, args.ros_scenario, rate=args.rate)
+        print(f"   poses received {m['poses_received']}/{m['queries']} (frames dropped {m['frames_dropped']}); "
+              f"error mean {m['mean_error_m']:.1f} m, median {m['median_error_m']:.1f} m; "
+              f"within 3 m {m['within_3m']}/{m['queries']}, within 25 m {m['within_25m']}/{m['queries']}; "
+              f"metrics in {os.path.join(out, 'ros_demo.json')}")
     return 0
 
 
@@ -292,6 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--shared", default=default_shared_dir())
     d.add_argument("--out", default=os.path.join("results", "demo"))
     d.add_argument("--no-map", action="store_true")
+    d.add_argument("--no-ros", action="store_true", help="skip the ROS node-graph part")
+    d.add_argument("--ros-only", action="store_true", help="only the ROS node-graph part")
+    d.add_argument("--ros-scenario", default="lund_odd_vs_even", help="geotagged scenario for the ROS part")
+    d.add_argument("--rate", type=float, default=0.25,
+                   help="bag replay speed for the ROS part (slow enough for the encoder on this machine)")
     add_encoder_args(d)
     d.set_defaults(func=_cmd_demo)
 

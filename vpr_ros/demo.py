@@ -87,11 +87,18 @@ def ros_demo(shared: str, out_dir: str, scenario: str = "lund_odd_vs_even", rate
         graph.executor.add_node(collector)
         player = Node("vpr_demo_player", context=graph.context)
         t0 = time.monotonic()
-        replay_bag(player, bag, rate=rate, remap={"/camera/image_raw": "image"}, start_delay_s=2.0)
-        attention = graph.node("attention_node")
-        while time.monotonic() - t0 < timeout_s and not attention.worker.idle():
+        stats = replay_bag(player, bag, rate=rate, remap={"/camera/image_raw": "image"}, start_delay_s=2.0)
+        sent = stats.published.get("/camera/image_raw", 0)
+        attention, localizer = graph.node("attention_node"), graph.node("vpr_localizer")
+        # wait for every frame to be received and both workers to finish, or for the time limit
+        while time.monotonic() - t0 < timeout_s and len(poses) < sent:
+            done = (attention.worker.stats.received >= sent and attention.worker.idle()
+                    and localizer.worker.idle() and localizer.worker.stats.received
+                    >= attention.worker.stats.processed)
+            if done:
+                time.sleep(0.5)  # last pose in flight
+                break
             time.sleep(0.1)
-        time.sleep(1.0)
         dropped = attention.worker.stats.dropped
     finally:
         graph.shutdown()
