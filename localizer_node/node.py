@@ -11,7 +11,8 @@ Publishes:
     ``diagnostics`` (diagnostic_msgs/DiagnosticArray: per-stage latency, map size, best score).
 Parameters (``config/*.yaml``): ``map_path``, ``frame_id``, ``localizer.*``
 (:class:`vpr_localizer.localize.LocalizerConfig`), ``loop_closure.score_threshold``,
-``faiss_threads``, ``publish_tf``.
+``faiss_threads``, ``publish_tf`` (broadcast ``map`` -> ``tf_child_frame`` at the estimate; only
+where ``tf2_ros`` is importable, i.e. on a real ROS 2 install).
 
 A map that cannot be loaded is fatal (the constructor raises :class:`MapError`); a bad
 descriptor message is logged and dropped, and the node keeps running.
@@ -57,6 +58,7 @@ class LocalizerNode(Node):
         self.declare_parameter("frame_id", "map")
         self.declare_parameter("faiss_threads", 1)
         self.declare_parameter("publish_tf", False)
+        self.declare_parameter("tf_child_frame", "vpr_camera")
         self.declare_parameter("loop_closure.score_threshold", 0.5)
         defaults = dataclass_defaults(LocalizerConfig)
         declare_section(self, "localizer", defaults)
@@ -117,6 +119,8 @@ class LocalizerNode(Node):
                 float(est.scores[0]), float(est.best_id)]))
         if self.map.has_positions:
             self.pub_markers.publish(self._markers(header, est))
+            if self.tf is not None:
+                self.tf.sendTransform(self._transform(header, est, best))
         t4 = time.perf_counter()
         st = self.worker.stats
         self.pub_diag.publish(diagnostics_msg(
@@ -140,6 +144,19 @@ class LocalizerNode(Node):
         cov[3, 3] = cov[4, 4] = cov[5, 5] = YAW_VARIANCE_UNKNOWN
         m.pose.covariance = cov.reshape(-1).tolist()
         return m
+
+    def _transform(self, header: Header, est, best):
+        """``map`` -> ``tf_child_frame`` at the estimated position (orientation of the best keyframe)."""
+        from geometry_msgs.msg import TransformStamped
+
+        t = TransformStamped()
+        t.header = header
+        t.child_frame_id = self.get_parameter("tf_child_frame").value
+        t.transform.translation.x, t.transform.translation.y = est.x, est.y
+        t.transform.translation.z = est.z if math.isfinite(est.z) else 0.0
+        t.transform.rotation.x, t.transform.rotation.y = best.qx, best.qy
+        t.transform.rotation.z, t.transform.rotation.w = best.qz, best.qw
+        return t
 
     def _fix_msg(self, cam_header: Header, est) -> NavSatFix:
         m = NavSatFix()
