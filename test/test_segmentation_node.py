@@ -269,7 +269,8 @@ def test_compressed_input_and_no_overlay(make_graph, city_rgb):
 
 
 @pytest.mark.parametrize("backend,match", [("bogus_net", "unknown segmentation backend 'bogus_net'"),
-                                           ("espnetv2", "segmentation backend espnetv2 is not implemented yet")])
+                                           ("panoptic_deeplab", "segmentation backend panoptic_deeplab is not implemented yet"),
+                                           ("espnetv2", "needs weights")])
 def test_unavailable_backend_is_fatal(tmp_path, backend, match):
     from vpr_ros.graph import Graph
 
@@ -343,3 +344,25 @@ def test_rviz_config_parses_and_shows_the_suite():
     assert all(d["Enabled"] is True for d in displays)
     names = [d["Name"] for d in displays]
     assert len(names) == len(set(names)), "display names must be unique (RViz keys panels by name)"
+
+
+def test_espnetv2_backend_through_the_node(make_graph, city_rgb, weights_dir):
+    """The node publishes exactly what the ESPNetv2 backend computes offline on the same frame."""
+    from vpr_localizer.semantics import make_backend, overlay
+
+    weights = str(weights_dir / "espnetv2_s_2.0_city_1024x512.pth")
+    graph, probe = make_graph(backend="espnetv2", weights=weights, device="cpu")
+    stamp = (1_700_000_500, 0)
+    assert probe.publish_until(image_msg(city_rgb, stamp),
+                               lambda: probe.find("labels", stamp) and probe.find("overlay", stamp),
+                               timeout=20.0)
+    msg = probe.find("labels", stamp)[0]
+    h, w = city_rgb.shape[:2]
+    labels = np.frombuffer(bytes(msg.data), np.uint8).reshape(h, w)
+    expected = make_backend("espnetv2", weights=weights, device="cpu")(city_rgb)
+    np.testing.assert_array_equal(labels, expected)
+    # a real street scene: road (0), building (2), vegetation (8) and cars (13) all present
+    assert {0, 2, 8, 13} <= set(np.unique(labels).tolist())
+    ov = probe.find("overlay", stamp)[0]
+    np.testing.assert_array_equal(np.frombuffer(bytes(ov.data), np.uint8).reshape(city_rgb.shape),
+                                  overlay(city_rgb, expected))

@@ -28,11 +28,13 @@ be there next time: trainIds 11-18, person..bicycle), *sky* (10) and *ignore* (1
 See :data:`COARSE_OF_TRAIN_ID` and :func:`static_weight`.
 
 Backends (:class:`SegmentationBackend`, :func:`make_backend`): a callable ``rgb -> labels``.
-Today only ``none`` exists, and it does **no segmentation**: it labels every pixel 19 (ignore),
-which through :func:`static_weight` (ignore weight 1.0) means "weight every pixel equally", i.e.
-the plain, segmentation-free pipeline. The real backends (``espnetv2``, ``espnet``,
-``panoptic_deeplab``) are registered names that raise :class:`WeightsError` until they are
-implemented.
+``espnetv2`` (:mod:`.espnetv2`, Mehta et al. CVPR 2019) and ``espnet`` (:mod:`.espnet`, Mehta
+et al. ECCV 2018) are our own implementations loading the Cityscapes weights of
+``../shared/weights``; they reproduce the authors' reference label maps pixel for pixel.
+``none`` does **no segmentation**: it labels every pixel 19 (ignore), which through
+:func:`static_weight` (ignore weight 1.0) means "weight every pixel equally", i.e. the plain,
+segmentation-free pipeline. ``panoptic_deeplab`` is a registered name that raises
+:class:`WeightsError` until it is implemented.
 """
 from __future__ import annotations
 
@@ -318,10 +320,29 @@ def _not_implemented(name: str, weights_hint: str) -> Callable[..., Segmentation
     return factory
 
 
+def _make_espnetv2(weights: Optional[str] = None, device: str = "auto",
+                   input_size: Tuple[int, int] = (1024, 512), **_ignored) -> SegmentationBackend:
+    """Backend ``espnetv2``: ESPNetv2 s=2.0 Cityscapes (Mehta et al., CVPR 2019)."""
+    from .espnetv2 import ESPNetv2Backend  # lazy: keeps torch out of ``import semantics``
+
+    if not weights:
+        raise WeightsError("segmentation backend espnetv2 needs weights=..., e.g. "
+                           "../shared/weights/espnetv2_s_2.0_city_1024x512.pth")
+    return ESPNetv2Backend(weights, device=device, input_size=tuple(input_size))
+
+
+def _make_espnet(weights: Optional[str] = None, device: str = "auto", **kwargs) -> SegmentationBackend:
+    """Backend ``espnet``: ESPNet p=2 q=8 Cityscapes (Mehta et al., ECCV 2018); weights e.g.
+    ../shared/weights/espnet_p2_q8_city_decoder.pth (or ..._encoder.pth with decoder=False)."""
+    from .espnet import make_espnet_backend  # lazy: keeps torch out of ``import semantics``
+
+    return make_espnet_backend(weights=weights, device=device, **kwargs)
+
+
 _REGISTRY: Dict[str, Callable[..., SegmentationBackend]] = {
     "none": _make_none,
-    "espnetv2": _not_implemented("espnetv2", ", weights ../shared/weights/espnetv2_s_2.0_city_1024x512.pth"),
-    "espnet": _not_implemented("espnet", ", weights ../shared/weights/espnet_p2_q8_city_decoder.pth"),
+    "espnetv2": _make_espnetv2,
+    "espnet": _make_espnet,
     "panoptic_deeplab": _not_implemented("panoptic_deeplab", ""),
 }
 
