@@ -269,7 +269,7 @@ def test_compressed_input_and_no_overlay(make_graph, city_rgb):
 
 
 @pytest.mark.parametrize("backend,match", [("bogus_net", "unknown segmentation backend 'bogus_net'"),
-                                           ("panoptic_deeplab", "segmentation backend panoptic_deeplab is not implemented yet"),
+                                           ("panoptic_deeplab", "panoptic_deeplab needs weights"),
                                            ("espnetv2", "needs weights")])
 def test_unavailable_backend_is_fatal(tmp_path, backend, match):
     from vpr_ros.graph import Graph

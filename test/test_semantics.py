@@ -158,13 +158,7 @@ def test_none_backend():
         backend(np.zeros((4, 4), np.uint8))
 
 
-def test_future_backend_raises_weights_error():
-    assert "panoptic_deeplab" in sem.backend_names()
-    with pytest.raises(WeightsError, match="segmentation backend panoptic_deeplab is not implemented yet"):
-        sem.make_backend("panoptic_deeplab", weights="x.pth", device="cpu")
-
-
-@pytest.mark.parametrize("name", ["espnetv2", "espnet"])
+@pytest.mark.parametrize("name", ["espnetv2", "espnet", "panoptic_deeplab"])
 def test_espnet_backends_need_a_weight_file(name, tmp_path):
     with pytest.raises(WeightsError, match="needs"):
         sem.make_backend(name, device="cpu")

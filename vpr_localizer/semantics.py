@@ -33,8 +33,9 @@ et al. ECCV 2018) are our own implementations loading the Cityscapes weights of
 ``../shared/weights``; they reproduce the authors' reference label maps pixel for pixel.
 ``none`` does **no segmentation**: it labels every pixel 19 (ignore), which through
 :func:`static_weight` (ignore weight 1.0) means "weight every pixel equally", i.e. the plain,
-segmentation-free pipeline. ``panoptic_deeplab`` is a registered name that raises
-:class:`WeightsError` until it is implemented.
+segmentation-free pipeline. ``panoptic_deeplab`` (:mod:`.panoptic`, Cheng et al. CVPR 2020) is
+implemented and loads the official detectron2 Cityscapes checkpoint layout, but no such weights
+exist here: its accuracy is unverified.
 """
 from __future__ import annotations
 
@@ -312,14 +313,6 @@ def _make_none(weights: Optional[str] = None, device: str = "auto", **_ignored) 
     return NoSegmentation()
 
 
-def _not_implemented(name: str, weights_hint: str) -> Callable[..., SegmentationBackend]:
-    def factory(**_kwargs) -> SegmentationBackend:
-        raise WeightsError(f"segmentation backend {name} is not implemented yet (it comes with the "
-                           f"segmentation issue{weights_hint}); available now: none "
-                           "(no segmentation: every pixel ignore)")
-    return factory
-
-
 def _make_espnetv2(weights: Optional[str] = None, device: str = "auto",
                    input_size: Tuple[int, int] = (1024, 512), **_ignored) -> SegmentationBackend:
     """Backend ``espnetv2``: ESPNetv2 s=2.0 Cityscapes (Mehta et al., CVPR 2019)."""
@@ -339,11 +332,24 @@ def _make_espnet(weights: Optional[str] = None, device: str = "auto", **kwargs) 
     return make_espnet_backend(weights=weights, device=device, **kwargs)
 
 
+def _make_panoptic_deeplab(weights: Optional[str] = None, device: str = "auto",
+                           input_size: Tuple[int, int] = (1024, 512), **_ignored) -> SegmentationBackend:
+    """Backend ``panoptic_deeplab``: Panoptic-DeepLab R-52 Cityscapes (Cheng et al., CVPR 2020);
+    accuracy unverified, no weights ship with the project."""
+    from .panoptic import PanopticDeepLabBackend  # lazy: keeps torch out of ``import semantics``
+
+    if not weights:
+        raise WeightsError("segmentation backend panoptic_deeplab needs weights=... (a detectron2 "
+                           "Panoptic-DeepLab Cityscapes checkpoint, e.g. model_final_380d9c.pkl); "
+                           "none ships with this project")
+    return PanopticDeepLabBackend(weights, device=device, input_size=tuple(input_size))
+
+
 _REGISTRY: Dict[str, Callable[..., SegmentationBackend]] = {
     "none": _make_none,
     "espnetv2": _make_espnetv2,
     "espnet": _make_espnet,
-    "panoptic_deeplab": _not_implemented("panoptic_deeplab", ""),
+    "panoptic_deeplab": _make_panoptic_deeplab,
 }
 
 
