@@ -17,8 +17,6 @@ weights and is part of the encoder fingerprint.
 """
 from __future__ import annotations
 
-import hashlib
-import os
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -27,6 +25,7 @@ import torch
 from torch import nn
 
 from .errors import WeightsError
+from .files import load_state_dict_file, sha256_file  # noqa: F401  (sha256_file re-exported)
 
 # --- preprocessing conventions -------------------------------------------------------
 
@@ -81,18 +80,6 @@ PREPROCESSING: Dict[str, Preprocessing] = {
     "efficientnet_lite": Preprocessing("efficientnet_lite", False, 1.0, (127.0, 127.0, 127.0),
                                        (128.0, 128.0, 128.0)),
 }
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """SHA-256 hex digest of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk)
-            if not block:
-                break
-            h.update(block)
-    return h.hexdigest()
 
 
 # --- backbones -----------------------------------------------------------------------
@@ -154,20 +141,6 @@ BACKBONES = ("vgg16", "efficientnet_lite0")
 DEFAULT_PREPROCESSING = {"vgg16": "caffe_bgr", "efficientnet_lite0": "efficientnet_lite"}
 
 
-def _load_state_dict(path: str) -> Dict[str, torch.Tensor]:
-    if not path or not os.path.isfile(path):
-        raise WeightsError(f"weight file not found: {path!r}")
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise WeightsError(f"{path}: cannot load weights ({type(exc).__name__}: {exc})") from exc
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise WeightsError(f"{path}: not a state dict of tensors")
-    return sd
-
-
 def _build_vgg16(sd: Dict[str, torch.Tensor], path: str) -> nn.Module:
     from torchvision.models.vgg import cfgs, make_layers
 
@@ -225,7 +198,7 @@ def build_backbone(name: str, weights: Optional[str] = None,
     pre_name = preprocessing or DEFAULT_PREPROCESSING[name]
     if pre_name not in PREPROCESSING:
         raise WeightsError(f"unknown preprocessing {pre_name!r}; choose one of {', '.join(PREPROCESSING)}")
-    sd = _load_state_dict(path)
+    sd = load_state_dict_file(path, name)
     if name == "vgg16":
         body, channels, stride = _build_vgg16(sd, path), 512, 16
     else:

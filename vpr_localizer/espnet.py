@@ -35,7 +35,6 @@ script uses, gives only 98.6 / 99.5 / 99.2 %. :class:`ESPNetBackend` uses PIL by
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -46,6 +45,8 @@ from PIL import Image
 from torch import nn
 
 from .errors import WeightsError
+from .files import load_state_dict_file, sha256_file
+from .semantics import check_rgb
 
 #: Number of network outputs: 19 Cityscapes trainIds + 19 = background/ignore.
 NUM_OUTPUTS = 20
@@ -283,22 +284,6 @@ class ESPNetSegmentation(nn.Module):
 
 # --- loading -----------------------------------------------------------------------------------
 
-def _read_state_dict(path: str) -> Dict[str, torch.Tensor]:
-    if not path or not os.path.isfile(path):
-        raise WeightsError(f"ESPNet weight file not found: {path!r}")
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise WeightsError(f"{path}: cannot load ESPNet weights ({type(exc).__name__}: {exc})") from exc
-    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise WeightsError(f"{path}: not a state dict of tensors")
-    if all(k.startswith("module.") for k in sd):  # saved from nn.DataParallel
-        sd = {k[len("module."):]: v for k, v in sd.items()}
-    return sd
-
-
 def _check_keys(model: nn.Module, sd: Dict[str, torch.Tensor], path: str, what: str) -> None:
     """Strict name and shape check with a readable :class:`WeightsError` (every parameter and
     running statistic must be present with its shape, nothing extra)."""
@@ -349,7 +334,7 @@ def load_espnet(path: str | os.PathLike, decoder: bool = True, device: str | tor
     path = os.fspath(path)
     model = ESPNetSegmentation(classes, p, q) if decoder else ESPNetEncoder(classes, p, q)
     what = f"{'ESPNet' if decoder else 'ESPNet-C'} (p={p}, q={q}, {classes} classes)"
-    sd = _read_state_dict(path)
+    sd = load_state_dict_file(path, "ESPNet", strip_module_prefix=True)
     _check_keys(model, sd, path, what)
     try:
         model.load_state_dict(sd, strict=True)
@@ -370,14 +355,6 @@ def _resolve_device(device: str | torch.device) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available")
     return dev
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class ESPNetBackend:
@@ -438,13 +415,13 @@ class ESPNetBackend:
         self.device = _resolve_device(device)
         self.weights_path = os.fspath(weights)
         self.model = load_espnet(self.weights_path, decoder=self.decoder, device=self.device)
-        self.weights_sha256 = _sha256(self.weights_path)
+        self.weights_sha256 = sha256_file(self.weights_path)
         self._mean = torch.tensor(MEAN_BGR, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(STD_BGR, device=self.device).view(1, 3, 1, 1)
 
     def preprocess(self, rgb: np.ndarray) -> torch.Tensor:
         """``uint8 (H, W, 3)`` RGB -> ``float32 (1, 3, h, w)`` BGR network input at ``input_size``."""
-        _check_rgb(rgb)
+        check_rgb(rgb)
         w, h = self.input_size
         if self.resize == "pil" and rgb.shape[:2] != (h, w):
             rgb = np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).resize((w, h), Image.BILINEAR))
@@ -474,14 +451,6 @@ class ESPNetBackend:
     def __repr__(self) -> str:
         return (f"ESPNetBackend(weights={self.weights_path!r}, device={str(self.device)!r}, "
                 f"input_size={self.input_size}, decoder={self.decoder}, resize={self.resize!r})")
-
-
-def _check_rgb(rgb: np.ndarray) -> None:
-    if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise ValueError(f"expected a uint8 (H, W, 3) RGB image, got {getattr(rgb, 'dtype', type(rgb).__name__)} "
-                         f"{getattr(rgb, 'shape', '')}")
-    if rgb.shape[0] == 0 or rgb.shape[1] == 0:
-        raise ValueError(f"expected an RGB image with H, W > 0, got {rgb.shape}")
 
 
 def make_espnet_backend(weights: Optional[str] = None, device: str = "auto", **kwargs) -> ESPNetBackend:

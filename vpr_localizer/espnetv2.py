@@ -45,6 +45,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import WeightsError
+from .files import load_state_dict_file
+from .semantics import check_rgb
 
 #: Number of network outputs (19 Cityscapes train classes + background/ignore).
 NUM_OUTPUTS = 20
@@ -354,23 +356,6 @@ class ESPNetv2Segmentation(nn.Module):
 
 # --- loading ------------------------------------------------------------------------------------
 
-def _read_state_dict(path: str) -> Dict[str, torch.Tensor]:
-    if not path or not os.path.isfile(path):
-        raise WeightsError(f"ESPNetv2 weight file not found: {path!r}")
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise WeightsError(f"{path}: cannot load ESPNetv2 weights ({type(exc).__name__}: {exc})") from exc
-    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise WeightsError(f"{path}: not a state dict of tensors")
-    # checkpoints saved from nn.DataParallel prefix every key with "module."
-    if all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
-    return sd
-
-
 def check_state_dict(model: nn.Module, sd: Dict[str, torch.Tensor], path: str) -> None:
     """Raise :class:`WeightsError` naming ``path`` unless ``sd`` has exactly ``model``'s keys and shapes."""
     expected = model.state_dict()
@@ -424,7 +409,7 @@ def load_espnetv2(path: str | os.PathLike, device: str | torch.device = "cpu") -
     if path is None or str(path) == "":
         raise WeightsError("espnetv2 needs a weight file, e.g. ../shared/weights/espnetv2_s_2.0_city_1024x512.pth")
     path = os.fspath(path)
-    sd = _read_state_dict(path)
+    sd = load_state_dict_file(path, "ESPNetv2", strip_module_prefix=True)
     model = ESPNetv2Segmentation()
     check_state_dict(model, sd, path)
     try:
@@ -487,7 +472,7 @@ class ESPNetv2Backend:
     @torch.no_grad()
     def logits(self, rgb: np.ndarray) -> torch.Tensor:
         """``uint8 (H, W, 3)`` RGB -> float32 logits ``(1, 20, h, w)`` at ``input_size`` (on the device)."""
-        _check_rgb(rgb)
+        check_rgb(rgb)
         return self.model(self.preprocess(rgb))
 
     @torch.no_grad()
@@ -509,9 +494,3 @@ class ESPNetv2Backend:
         return f"ESPNetv2Backend(weights={self.weights!r}, device={str(self.device)!r}, input_size={self.input_size})"
 
 
-def _check_rgb(rgb: np.ndarray) -> None:
-    if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise ValueError(f"expected a uint8 (H, W, 3) RGB image, got {getattr(rgb, 'dtype', type(rgb).__name__)} "
-                         f"{getattr(rgb, 'shape', '')}")
-    if rgb.shape[0] == 0 or rgb.shape[1] == 0:
-        raise ValueError(f"expected an RGB image with H, W > 0, got {rgb.shape}")

@@ -15,7 +15,6 @@ truncated or mixed-up map is one clear :class:`~vpr_localizer.errors.MapError`.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import math
 import os
 import shutil
@@ -27,6 +26,7 @@ import numpy as np
 import yaml
 
 from .errors import FingerprintMismatchError, MapError
+from .files import sha256_file
 from .geodesy import EnuDatum
 
 FORMAT_VERSION = 1
@@ -72,14 +72,6 @@ class Keyframe:
 
 _COLUMNS = [f.name for f in fields(Keyframe)]
 _SQL_TYPES = {"int": "INTEGER", "float": "REAL", "str": "TEXT"}
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _write_keyframes(path: str, keyframes: Sequence[Keyframe]) -> None:
@@ -157,7 +149,7 @@ def write_map(path: str, keyframes: Sequence[Keyframe], index, encoder_checkpoin
         files = {}
         for name in (KEYFRAMES_DB, INDEX_FILE, ENCODER_FILE):
             fp = os.path.join(tmp, name)
-            files[name] = {"bytes": os.path.getsize(fp), "sha256": _sha256(fp)}
+            files[name] = {"bytes": os.path.getsize(fp), "sha256": sha256_file(fp)}
         meta = {
             "format": "vpr_localizer.map",
             "format_version": FORMAT_VERSION,
@@ -276,7 +268,7 @@ class VprMap:
             if size != info["bytes"]:
                 raise MapError(f"map {path} is truncated or corrupt: {name} has {size} bytes, "
                                f"map.yaml says {info['bytes']}")
-            if verify_hashes and _sha256(fp) != info["sha256"]:
+            if verify_hashes and sha256_file(fp) != info["sha256"]:
                 raise MapError(f"map {path} is corrupt: {name} does not match its SHA-256 in map.yaml")
         for name in (KEYFRAMES_DB, INDEX_FILE, ENCODER_FILE):
             if name not in files:

@@ -79,6 +79,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import WeightsError
+from .semantics import check_rgb
 from .espnetv2 import resolve_device
 
 #: Number of semantic classes (Cityscapes trainIds 0..18; there is no background output).
@@ -789,14 +790,6 @@ def load_panoptic_deeplab(path: str | os.PathLike, device: str | torch.device = 
 # Segmentation backend
 # ================================================================================================
 
-def _check_rgb(rgb: np.ndarray) -> None:
-    if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise ValueError(f"expected a uint8 (H, W, 3) RGB image, got {getattr(rgb, 'dtype', type(rgb).__name__)} "
-                         f"{getattr(rgb, 'shape', '')}")
-    if rgb.shape[0] == 0 or rgb.shape[1] == 0:
-        raise ValueError(f"expected an RGB image with H, W > 0, got {rgb.shape}")
-
-
 def _resize_nearest(a: np.ndarray, height: int, width: int) -> np.ndarray:
     """Nearest-neighbour resize of a 2-D array of any dtype (pixel centres mapped)."""
     h, w = a.shape
@@ -847,7 +840,7 @@ class PanopticDeepLabBackend:
         """``uint8 (H, W, 3)`` RGB -> float32 ``(1, 3, h, w)`` in [0, 255] at ``input_size``."""
         from PIL import Image
 
-        _check_rgb(rgb)
+        check_rgb(rgb)
         w, h = self.input_size
         if rgb.shape[:2] != (h, w):
             rgb = np.array(Image.fromarray(rgb).resize((w, h), Image.BILINEAR))

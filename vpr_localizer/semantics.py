@@ -282,7 +282,8 @@ class SegmentationBackend(Protocol):
     def __call__(self, rgb: np.ndarray) -> np.ndarray: ...
 
 
-def _check_rgb(rgb: np.ndarray) -> None:
+def check_rgb(rgb: np.ndarray) -> None:
+    """Raise ValueError unless ``rgb`` is a non-empty ``uint8 (H, W, 3)`` array (backend input)."""
     if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"expected a uint8 (H, W, 3) RGB image, got {getattr(rgb, 'dtype', type(rgb).__name__)} "
                          f"{getattr(rgb, 'shape', '')}")
@@ -302,7 +303,7 @@ class NoSegmentation:
 
     def __call__(self, rgb: np.ndarray) -> np.ndarray:
         """``uint8 (H, W, 3)`` -> ``uint8 (H, W)`` filled with 19."""
-        _check_rgb(rgb)
+        check_rgb(rgb)
         return np.full(rgb.shape[:2], IGNORE_ID, dtype=np.uint8)
 
     def __repr__(self) -> str:
