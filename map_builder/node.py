@@ -42,7 +42,7 @@ Encoder
     aggregator, and its PCA when it has one). Without a checkpoint, NetVLAD is *bootstrapped*
     on the run itself: the backbone feature maps of the first ``bootstrap_keyframes`` keyframes
     are buffered (at most that many, a few hundred kB each at 160x120), local features are
-    sampled from them exactly as :meth:`Encoder.sample_local_features` does (same per-image
+    sampled from them by the encoder's own :func:`~vpr_localizer.encoder.sample_feature_locations` (same per-image
     count and seeded RNG, so the result equals ``fit_aggregator`` on those images), k-means
     initialises NetVLAD, the buffered keyframes are aggregated and mapping goes on. Buffering
     feature maps instead of images keeps the per-frame cost flat: the bootstrap step itself
@@ -89,8 +89,8 @@ from rclpy.node import Node
 from sensor_msgs.msg import CompressedImage, Image, NavSatFix, NavSatStatus
 from std_msgs.msg import Float64MultiArray
 
-from vpr_localizer.encoder import Encoder, EncoderConfig
-from vpr_localizer.errors import MapError, VprError, WeightsError
+from vpr_localizer.encoder import Encoder, EncoderConfig, sample_feature_locations
+from vpr_localizer.errors import ConfigError, MapError, VprError, WeightsError
 from vpr_localizer.geodesy import EnuDatum
 from vpr_localizer.images import resize_image
 from vpr_localizer.loop_closure import LoopCandidate, LoopClosureConfig, LoopClosureDetector
@@ -104,12 +104,8 @@ from vpr_ros.qos import reliable_qos, sensor_qos
 POSITION_SOURCES = ("fix", "odom", "none")
 
 
-class ConfigError(VprError, ValueError):
-    """A parameter of the map_builder node is invalid (fatal at start-up)."""
-
-
 # ----------------------------------------------------------------------------------------------
-# ROS-free helpers (candidates for the core, see the module doc)
+# ROS-free helpers of the node (position lookup, NetVLAD bootstrap buffer)
 # ----------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -197,29 +193,6 @@ class LatestPositions:
         return nearest if abs(nearest.stamp - t) <= max_age_s else None
 
 
-def sample_local_features_from_maps(feature_maps, per_image: int, rng: np.random.Generator) -> np.ndarray:
-    """L2-normalised local features sampled from in-memory backbone feature maps.
-
-    The in-memory counterpart of :meth:`Encoder.sample_local_features`: for each image of the
-    batch, ``min(per_image, h*w)`` feature-map locations drawn without replacement by ``rng``.
-
-    Args:
-        feature_maps: ``(B, C, h, w)`` torch tensor (any device).
-        per_image: locations per image.
-        rng: NumPy generator (advanced in place, image by image, as the encoder does).
-
-    Returns:
-        ``(N, C)`` float32.
-    """
-    import torch.nn.functional as F
-
-    feats = F.normalize(feature_maps.float(), p=2, dim=1)  # preL2, as NetVLAD
-    b, c, h, w = feats.shape
-    flat = feats.permute(0, 2, 3, 1).reshape(b, h * w, c).cpu().numpy()
-    out = [flat[i, rng.choice(h * w, size=min(per_image, h * w), replace=False)] for i in range(b)]
-    return np.concatenate(out).astype(np.float32) if out else np.zeros((0, c), np.float32)
-
-
 class NetVLADBootstrap:
     """Initialises an untrained NetVLAD encoder from the first keyframes of a live run.
 
@@ -259,7 +232,7 @@ class NetVLADBootstrap:
     def add(self, feature_maps, item: Any) -> None:
         if self.full:
             raise RuntimeError("bootstrap buffer is full: call finish()")
-        self._samples.append(sample_local_features_from_maps(feature_maps, self.per_image, self.rng))
+        self._samples.append(sample_feature_locations(feature_maps, self.per_image, self.rng))
         self._maps.append(feature_maps.detach().cpu())
         self._items.append(item)
 
@@ -270,20 +243,11 @@ class NetVLADBootstrap:
         Raises:
             ValueError: fewer local features than clusters, or nothing buffered.
         """
-        from vpr_localizer.aggregation import kmeans_centroids
-
         enc = self.encoder
         if not self._items:
             raise ValueError("NetVLAD bootstrap: no keyframe buffered")
-        sample = np.concatenate(self._samples)
-        k = int(enc.config.num_clusters)
-        if len(sample) < k:
-            raise ValueError(f"NetVLAD bootstrap needs >= {k} local features, the {len(self._items)} buffered "
-                             f"keyframe(s) gave {len(sample)} (larger image_size or smaller num_clusters)")
-        centroids = kmeans_centroids(sample, k, niter=enc.config.kmeans_iterations, seed=enc.config.seed)
-        enc.aggregator.init_from_clusters(centroids, sample)
-        enc.aggregator.to(enc.device)
-        enc.trained = True
+        enc.init_aggregator_from_sample(np.concatenate(self._samples),
+                                        f"the {len(self._items)} buffered keyframe(s)")
         out = []
         for fm, item in zip(self._maps, self._items):
             desc = enc.apply_pca(enc.aggregate(fm.to(enc.device)))[0]

@@ -24,7 +24,7 @@ from torch import nn
 
 from .aggregation import GeM, GlobalAvgPool, NetVLAD, kmeans_centroids
 from .backbones import Backbone, build_backbone
-from .errors import ImageLoadError, WeightsError
+from .errors import ConfigError, ImageLoadError, WeightsError
 from .images import load_image, resize_image
 from .pca import PCAWhitening
 
@@ -96,11 +96,21 @@ class EncoderConfig:
         return d
 
 
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> ``cuda`` when available else ``cpu``; other strings passed to torch."""
-    if device == "auto":
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` -> ``cuda`` when available else ``cpu``; anything else is passed to ``torch.device``.
+
+    Raises:
+        ConfigError: an invalid device string, or ``cuda`` asked for without CUDA.
+    """
+    if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"invalid torch device {device!r} (use auto, cpu, cuda or cuda:N): {exc}") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available")
+    return dev
 
 
 def _state_hash(tensors: Dict[str, object]) -> str:
@@ -173,6 +183,27 @@ def iter_image_batches(paths: Sequence[str], size_wh: Tuple[int, int], batch_siz
             future = pool.submit(load_batch, starts[n + 1]) if n + 1 < len(starts) else None
             if idx:
                 yield idx, np.stack(imgs)
+
+
+def sample_feature_locations(feature_maps: torch.Tensor, per_image: int, rng: np.random.Generator) -> np.ndarray:
+    """L2-normalised local features at random locations of a batch of backbone feature maps.
+
+    For each image of the batch, ``min(per_image, h*w)`` locations drawn without replacement by
+    ``rng`` (advanced in place, image by image), after NetVLAD's preL2 normalisation.
+
+    Args:
+        feature_maps: ``(B, C, h, w)`` torch tensor (any device).
+        per_image: locations per image.
+        rng: NumPy generator.
+
+    Returns:
+        ``(N, C)`` float32.
+    """
+    feats = F.normalize(feature_maps.float(), p=2, dim=1)  # preL2, as NetVLAD
+    b, c, h, w = feats.shape
+    flat = feats.permute(0, 2, 3, 1).reshape(b, h * w, c).cpu().numpy()
+    out = [flat[i, rng.choice(h * w, size=min(per_image, h * w), replace=False)] for i in range(b)]
+    return np.concatenate(out).astype(np.float32) if out else np.zeros((0, c), np.float32)
 
 
 class Encoder:
@@ -431,12 +462,7 @@ class Encoder:
         bar = tqdm(total=len(sub), desc=progress, unit="img", disable=progress is None, leave=False)
         for idx, batch in iter_image_batches(sub, cfg.image_size, cfg.batch_size,
                                              on_skip=lambda p, r: bar.update(1)):
-            feats = F.normalize(self.feature_maps(batch), p=2, dim=1)  # preL2, as NetVLAD
-            b, c, h, w = feats.shape
-            flat = feats.permute(0, 2, 3, 1).reshape(b, h * w, c).cpu().numpy()
-            for i in range(b):
-                take = rng.choice(h * w, size=min(per_image, h * w), replace=False)
-                out.append(flat[i, take])
+            out.append(sample_feature_locations(self.feature_maps(batch), per_image, rng))
             bar.update(len(idx))
         bar.close()
         return np.concatenate(out).astype(np.float32) if out else np.zeros((0, self.backbone.out_channels), np.float32)
@@ -451,17 +477,30 @@ class Encoder:
         """
         if self.trained:
             return
-        sample = self.sample_local_features(paths, progress)
+        self.init_aggregator_from_sample(self.sample_local_features(paths, progress),
+                                         f"the {len(paths)} map images")
+
+    def init_aggregator_from_sample(self, sample: np.ndarray, source: str) -> None:
+        """NetVLAD initialisation by FAISS k-means on a sample of local features (NetVLAD Sec. 4).
+
+        Args:
+            sample: ``(N, C)`` float32 L2-normalised local features
+                (:meth:`sample_local_features` or :func:`sample_feature_locations`).
+            source: where the sample came from, for the error message and the log.
+
+        Raises:
+            ValueError: fewer local features than clusters K.
+        """
         k = self.config.num_clusters
         if len(sample) < k:
-            raise ValueError(f"NetVLAD k-means needs >= {k} local features; the {len(paths)} map "
-                             f"images gave {len(sample)} (use larger image_size or smaller num_clusters)")
+            raise ValueError(f"NetVLAD k-means needs >= {k} local features; {source} "
+                             f"gave {len(sample)} (use larger image_size or smaller num_clusters)")
         centroids = kmeans_centroids(sample, k, niter=self.config.kmeans_iterations, seed=self.config.seed)
         self.aggregator.init_from_clusters(centroids, sample)
         self.aggregator.to(self.device)
         self.trained = True
-        LOG.info("NetVLAD initialised by k-means: K=%d on %d local features (alpha=%.1f)",
-                 k, len(sample), self.aggregator.alpha)
+        LOG.info("NetVLAD initialised by k-means: K=%d on %d local features of %s (alpha=%.1f)",
+                 k, len(sample), source, self.aggregator.alpha)
 
     def fit_pca(self, raw: np.ndarray) -> bool:
         """Fit PCA whitening on the map's raw descriptors ``(N, raw_dim)`` when allowed.

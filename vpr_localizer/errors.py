@@ -26,5 +26,9 @@ class FingerprintMismatchError(MapError):
     """The map was built with a different encoder than the one running now."""
 
 
+class ConfigError(VprError, ValueError):
+    """A configuration value is invalid (bad parameter, unavailable device); fatal at start-up."""
+
+
 class DatasetError(VprError):
     """An image folder, CSV or ground-truth description is missing or malformed."""

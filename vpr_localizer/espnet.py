@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from .encoder import resolve_device
 from .errors import WeightsError
 from .files import load_state_dict_file, sha256_file
 from .semantics import check_rgb
@@ -345,18 +346,6 @@ def load_espnet(path: str | os.PathLike, decoder: bool = True, device: str | tor
 
 # --- segmentation backend ----------------------------------------------------------------------
 
-def _resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"invalid device {device!r} (use auto, cpu or cuda)") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    return dev
-
-
 class ESPNetBackend:
     """Segmentation backend ``espnet`` (see :class:`vpr_localizer.semantics.SegmentationBackend`).
 
@@ -412,7 +401,7 @@ class ESPNetBackend:
             raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)}, got {resize!r}")
         self.resize = resize
         self.decoder = bool(decoder)
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         self.weights_path = os.fspath(weights)
         self.model = load_espnet(self.weights_path, decoder=self.decoder, device=self.device)
         self.weights_sha256 = sha256_file(self.weights_path)

@@ -44,9 +44,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .encoder import resolve_device
 from .errors import WeightsError
 from .files import load_state_dict_file
-from .semantics import check_rgb
+from .semantics import backend_input_size, check_rgb
 
 #: Number of network outputs (19 Cityscapes train classes + background/ignore).
 NUM_OUTPUTS = 20
@@ -374,23 +375,6 @@ def check_state_dict(model: nn.Module, sd: Dict[str, torch.Tensor], path: str) -
         raise WeightsError(f"{path}: not an ESPNetv2 s=2.0 Cityscapes (20-class) state dict: " + "; ".join(parts))
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; anything else is passed to ``torch.device``.
-
-    Raises:
-        WeightsError: an invalid device string, or ``cuda`` asked for without CUDA.
-    """
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise WeightsError(f"invalid torch device {device!r}: {exc}") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise WeightsError(f"device {device!r} requested but CUDA is not available")
-    return dev
-
-
 def load_espnetv2(path: str | os.PathLike, device: str | torch.device = "cpu") -> ESPNetv2Segmentation:
     """Build :class:`ESPNetv2Segmentation` and load a checkpoint with strict key matching.
 
@@ -443,13 +427,7 @@ class ESPNetv2Backend:
     name = "espnetv2"
 
     def __init__(self, weights: str, device: str = "auto", input_size: Tuple[int, int] = DEFAULT_INPUT_SIZE):
-        try:
-            w, h = (int(v) for v in input_size)
-        except (TypeError, ValueError) as exc:
-            raise WeightsError(f"espnetv2 input_size must be (width, height), got {input_size!r}") from exc
-        if w < 16 or h < 16:
-            raise WeightsError(f"espnetv2 input_size must be at least 16x16, got {w}x{h}")
-        self.input_size = (w, h)
+        self.input_size = backend_input_size("espnetv2", input_size)
         self.device = resolve_device(device)
         self.model = load_espnetv2(weights, self.device)
         self.weights = os.fspath(weights)

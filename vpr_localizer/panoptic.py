@@ -79,8 +79,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import WeightsError
-from .semantics import check_rgb
-from .espnetv2 import resolve_device
+from .semantics import backend_input_size, check_rgb
+from .encoder import resolve_device
 
 #: Number of semantic classes (Cityscapes trainIds 0..18; there is no background output).
 NUM_CLASSES = 19
@@ -825,13 +825,7 @@ class PanopticDeepLabBackend:
     name = "panoptic_deeplab"
 
     def __init__(self, weights: str, device: str = "auto", input_size: Tuple[int, int] = DEFAULT_INPUT_SIZE):
-        try:
-            w, h = (int(v) for v in input_size)
-        except (TypeError, ValueError) as exc:
-            raise WeightsError(f"panoptic_deeplab input_size must be (width, height), got {input_size!r}") from exc
-        if w < 16 or h < 16:
-            raise WeightsError(f"panoptic_deeplab input_size must be at least 16x16, got {w}x{h}")
-        self.input_size = (w, h)
+        self.input_size = backend_input_size("panoptic_deeplab", input_size)
         self.device = resolve_device(device)
         self.model = load_panoptic_deeplab(weights, self.device)
         self.weights = os.fspath(weights)

@@ -282,6 +282,21 @@ class SegmentationBackend(Protocol):
     def __call__(self, rgb: np.ndarray) -> np.ndarray: ...
 
 
+def backend_input_size(backend: str, input_size, minimum: int = 16) -> Tuple[int, int]:
+    """Validate a segmentation backend's network input ``(width, height)`` in pixels.
+
+    Raises:
+        WeightsError: not two integers, or smaller than ``minimum`` x ``minimum``.
+    """
+    try:
+        w, h = (int(v) for v in input_size)
+    except (TypeError, ValueError) as exc:
+        raise WeightsError(f"{backend} input_size must be (width, height), got {input_size!r}") from exc
+    if w < minimum or h < minimum:
+        raise WeightsError(f"{backend} input_size must be at least {minimum}x{minimum}, got {w}x{h}")
+    return w, h
+
+
 def check_rgb(rgb: np.ndarray) -> None:
     """Raise ValueError unless ``rgb`` is a non-empty ``uint8 (H, W, 3)`` array (backend input)."""
     if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
