@@ -50,3 +50,25 @@ def require_file(path: Path) -> Path:
 def data_file():
     """Callable ``data_file(path) -> path`` that fails the test when ``path`` is not a file."""
     return require_file
+
+
+VGG_FILE = "vgg16_features_imagenet_caffe_bgr.pth"
+
+
+@pytest.fixture(scope="session")
+def vgg_path(weights_dir, data_file) -> Path:
+    """``../shared/weights/vgg16_features_imagenet_caffe_bgr.pth`` (fails the test when missing)."""
+    return data_file(weights_dir / VGG_FILE)
+
+
+@pytest.fixture(scope="module")
+def faiss_single_thread():
+    """One faiss OpenMP thread for a test module: faiss's threads spin-wait and fight torch's for
+    the 2 cores of the test machine (k-means of a few hundred points takes seconds); one faiss
+    thread gives the same results. The previous setting is restored afterwards."""
+    import faiss
+
+    n = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(n)

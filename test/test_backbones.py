@@ -15,11 +15,6 @@ VGG_FILE = "vgg16_features_imagenet_caffe_bgr.pth"
 
 
 @pytest.fixture(scope="module")
-def vgg_path(weights_dir, data_file):
-    return data_file(weights_dir / VGG_FILE)
-
-
-@pytest.fixture(scope="module")
 def vgg(vgg_path):
     return build_backbone("vgg16", weights=str(vgg_path))
 

@@ -29,7 +29,6 @@ from vpr_localizer.map_store import VprMap, write_map
 from vpr_localizer.mapping import build_map
 from vpr_localizer.records import records_from_folder, select
 
-VGG_FILE = "vgg16_features_imagenet_caffe_bgr.pth"
 FRAMES = (2, 4, 6, 8, 10, 12)
 SIZE = (128, 96)
 K = 8
@@ -71,20 +70,8 @@ def leftovers(map_path) -> list:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def faiss_single_thread():
-    """faiss's OpenMP threads spin-wait and fight torch's for the 2 cores of the test machine
-    (k-means of a few hundred points takes seconds); one faiss thread gives the same results."""
-    import faiss
-
-    n = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def vgg_path(weights_dir, data_file):
-    return data_file(weights_dir / VGG_FILE)
+def _one_faiss_thread(faiss_single_thread):
+    """Every test of this module runs with one faiss thread (see conftest.faiss_single_thread)."""
 
 
 @pytest.fixture(scope="module")
