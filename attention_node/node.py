@@ -54,7 +54,7 @@ from vpr_localizer.map_store import VprMap
 from vpr_ros.convert import descriptor_to_msg, image_msg_to_rgb, rgb_to_image_msg
 from vpr_ros.diagnostics import OK, WARN, diagnostics_msg
 from vpr_ros.latest import LatestFrameWorker
-from vpr_ros.qos import reliable_qos, sensor_qos
+from vpr_ros.qos import reliable_qos, sensor_subscription
 
 NODE_NAME = "attention_node"
 LABELS_BUFFER = 16            # label messages kept for stamp matching (bounded, oldest evicted)
@@ -142,11 +142,11 @@ class AttentionNode(Node):
         self.pub_diag = self.create_publisher(DiagnosticArray, "diagnostics", reliable_qos())
         self.worker = LatestFrameWorker(self._process, self.get_logger(), NODE_NAME)
         if self.compressed:
-            self.create_subscription(CompressedImage, "image/compressed", self.worker.offer, sensor_qos())
+            sensor_subscription(self, CompressedImage, "image/compressed", self.worker.offer)
         else:
-            self.create_subscription(Image, "image", self.worker.offer, sensor_qos())
+            sensor_subscription(self, Image, "image", self.worker.offer)
         if self.use_labels:
-            self.create_subscription(Image, "segmentation/labels", self._on_labels, sensor_qos(depth=5))
+            sensor_subscription(self, Image, "segmentation/labels", self._on_labels, depth=5)
         cfg = self.encoder.config
         self.get_logger().info(
             f"encoder for map {self.map_path} ({self.map_keyframes} keyframes): {cfg.backbone}/{cfg.aggregator} "

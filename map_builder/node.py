@@ -99,7 +99,7 @@ from vpr_ros.convert import image_msg_to_rgb, stamp_to_sec
 from vpr_ros.diagnostics import OK, WARN, diagnostics_msg
 from vpr_ros.latest import LatestFrameWorker
 from vpr_ros.params import dataclass_defaults, declare_section, get_section
-from vpr_ros.qos import reliable_qos, sensor_qos
+from vpr_ros.qos import reliable_qos, sensor_subscription
 
 POSITION_SOURCES = ("fix", "odom", "none")
 
@@ -370,15 +370,15 @@ class MapBuilderNode(Node):
         self._stopped = False
         inputs = MutuallyExclusiveCallbackGroup()
         if p["compressed"]:
-            self.create_subscription(CompressedImage, "image/compressed", self._on_image, sensor_qos(),
+            sensor_subscription(self, CompressedImage, "image/compressed", self._on_image,
                                      callback_group=inputs)
         else:
-            self.create_subscription(Image, "image", self._on_image, sensor_qos(), callback_group=inputs)
+            sensor_subscription(self, Image, "image", self._on_image, callback_group=inputs)
         if self.position_source == "fix":
-            self.create_subscription(NavSatFix, "fix", self._on_fix, sensor_qos(depth=10),
+            sensor_subscription(self, NavSatFix, "fix", self._on_fix, depth=10,
                                      callback_group=MutuallyExclusiveCallbackGroup())
         elif self.position_source == "odom":
-            self.create_subscription(Odometry, "odom", self._on_odom, sensor_qos(depth=10),
+            sensor_subscription(self, Odometry, "odom", self._on_odom, depth=10,
                                      callback_group=MutuallyExclusiveCallbackGroup())
         if p["flush_interval_s"] > 0:
             self.create_timer(p["flush_interval_s"], self._on_flush_timer,

@@ -36,7 +36,7 @@ from vpr_localizer.semantics import coarse_fractions, make_backend, overlay
 from vpr_ros.convert import image_msg_to_rgb, labels_to_msg, rgb_to_image_msg
 from vpr_ros.diagnostics import OK, WARN, diagnostics_msg
 from vpr_ros.latest import LatestFrameWorker
-from vpr_ros.qos import reliable_qos, sensor_qos
+from vpr_ros.qos import reliable_qos, sensor_subscription
 
 NODE_NAME = "segmentation_node"
 OVERLAY_ALPHA = 0.5  #: opacity of the label colours in ``segmentation/overlay``
@@ -74,9 +74,9 @@ class SegmentationNode(Node):
         self.pub_diag = self.create_publisher(DiagnosticArray, "diagnostics", reliable_qos())
         self.worker = LatestFrameWorker(self._process, self.get_logger(), NODE_NAME)
         if self.compressed:
-            self.sub = self.create_subscription(CompressedImage, "image/compressed", self.worker.offer, sensor_qos())
+            self.sub = sensor_subscription(self, CompressedImage, "image/compressed", self.worker.offer)
         else:
-            self.sub = self.create_subscription(Image, "image", self.worker.offer, sensor_qos())
+            self.sub = sensor_subscription(self, Image, "image", self.worker.offer)
         what = ("no segmentation: every pixel labelled 19 (ignore)" if self.backend.name == "none"
                 else f"weights {weights or 'default'}, device {device}")
         self.get_logger().info(

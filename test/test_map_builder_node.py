@@ -63,7 +63,12 @@ def _params_file(tmp_path: Path, weights: Path, **params) -> str:
     enc = {"backbone": "vgg16", "weights": str(weights), "image_size": list(SIZE), "num_clusters": 16,
            "pca_dim": 0, "device": "cpu", "batch_size": 1}
     enc.update(params.pop("encoder", {}))
-    doc = {"map_builder": {"ros__parameters": {**params, "encoder": enc}}}
+    # Replays in these tests are lossless on purpose (replay_bag(reliable=True) into a subscription
+    # whose standard QoS override asks for reliability): the default sensor-data QoS may lose frames
+    # on a loaded 2-core machine, and the tests count keyframes exactly.
+    qos = {topic: {"subscription": {"reliability": "reliable", "depth": 10}}
+           for topic in ("/image", "/image/compressed", "/fix", "/odom")}
+    doc = {"map_builder": {"ros__parameters": {**params, "encoder": enc, "qos_overrides": qos}}}
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(doc))
     return str(path)
@@ -172,11 +177,14 @@ def test_live_mapping_rtabmap_loop(datasets_dir, weights_dir, tmp_path):
                           loop_score_threshold=0.5, flush_interval_s=5.0)
 
     with _graph(params) as (graph, node, probe):
+        from rclpy.qos import ReliabilityPolicy
+        sub = next(s for s in node.subscriptions if s.topic_name == "/image")
+        assert sub.qos_profile.reliability == ReliabilityPolicy.RELIABLE, "qos_overrides not applied"
         frame_s = _frame_seconds(node, [load_image(recs[i].path) for i in (0, 40, 80)])
         period = _replay_period(frame_s)
         t_replay = time.perf_counter()
         stats = replay_bag(probe.node, str(bag), rate=1.0 / period, remap={"/camera/image_raw": "/image"},
-                           start_delay_s=2.0)
+                           start_delay_s=2.0, reliable=True)
         assert stats.published["/camera/image_raw"] == 84
         _wait_worker_done(node, 84)
         replay_s = time.perf_counter() - t_replay
@@ -275,7 +283,7 @@ def test_keyframes_by_distance_from_navsatfix(datasets_dir, weights_dir, tmp_pat
     with _graph(params) as (graph, node, probe):
         period = _replay_period(_frame_seconds(node, [np.zeros((SIZE[1], SIZE[0], 3), np.uint8)]))
         replay_bag(probe.node, str(bag), rate=1.0 / period,
-                   remap={"/camera/image_raw": "/image", "/gps/fix": "/fix"}, start_delay_s=2.0)
+                   remap={"/camera/image_raw": "/image", "/gps/fix": "/fix"}, start_delay_s=2.0, reliable=True)
         _wait_worker_done(node, len(recs))
         st = node.worker.stats
         assert st.received == len(recs) and st.dropped == 0 and st.errors == 0, st
@@ -301,7 +309,7 @@ def test_keyframes_by_distance_from_navsatfix(datasets_dir, weights_dir, tmp_pat
 def test_odometry_bad_frame_and_atomic_flushes(datasets_dir, weights_dir, tmp_path):
     from sensor_msgs.msg import CompressedImage
 
-    from vpr_ros.qos import sensor_qos
+    from vpr_ros.qos import reliable_qos
     from vpr_ros.replay import replay_bag
 
     folder = datasets_dir / "rtabmap_loop"
@@ -328,7 +336,7 @@ def test_odometry_bad_frame_and_atomic_flushes(datasets_dir, weights_dir, tmp_pa
             time.sleep(0.03)
 
     with _graph(params) as (graph, node, probe):
-        bad_pub = probe.node.create_publisher(CompressedImage, "/image/compressed", sensor_qos(depth=5))
+        bad_pub = probe.node.create_publisher(CompressedImage, "/image/compressed", reliable_qos())
         _wait(lambda: bad_pub.get_subscription_count() > 0, 10.0, "the node to subscribe to /image/compressed")
         bad_pub.publish(CompressedImage(format="jpeg", data=b"\xff\xd8 not a jpeg"))
         _wait(lambda: node.worker.stats.errors == 1, 10.0, "the corrupt frame to be rejected")
@@ -337,7 +345,8 @@ def test_odometry_bad_frame_and_atomic_flushes(datasets_dir, weights_dir, tmp_pa
         flusher.start()
         period = _replay_period(_frame_seconds(node, [np.zeros((SIZE[1], SIZE[0], 3), np.uint8)]))
         replay_bag(probe.node, str(bag), rate=1.0 / period,
-                   remap={"/camera/image_raw": "/image/compressed", "/odom": "/odom"}, start_delay_s=1.0)
+                   remap={"/camera/image_raw": "/image/compressed", "/odom": "/odom"}, start_delay_s=1.0,
+                   reliable=True)
         _wait_worker_done(node, len(recs) + 1)
         stop.set()
         flusher.join(10.0)

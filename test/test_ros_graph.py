@@ -93,6 +93,9 @@ def lund(datasets_dir, weights_dir, data_file, tmp_path_factory):
                            descriptors=res.descriptors, estimates=estimates, params=params, encoder=encoder)
 
 
+RELIABLE_IMAGE = {"qos_overrides": {"/image": {"subscription": {"reliability": "reliable", "depth": 10}}}}
+
+
 def write_params(lund, path: Path, attention=None, localizer=None, nodes=("attention_node", "vpr_localizer")) -> str:
     """config/lund_graph.yaml with map_path set to the test map (and overrides), written to ``path``."""
     doc = {}
@@ -196,14 +199,16 @@ def test_replayed_bag_gives_offline_poses(lund, ros_env, tmp_path):
     from vpr_ros.graph import Graph
     from vpr_ros.replay import replay_bag
 
-    graph = Graph(write_params(lund, tmp_path / "params.yaml"))
+    # Lossless on purpose: a reliable replay into a subscription whose standard QoS override asks
+    # for reliability (the default sensor-data QoS may lose frames on a loaded machine).
+    graph = Graph(write_params(lund, tmp_path / "params.yaml", attention=RELIABLE_IMAGE))
     probe = None
     try:
         assert graph.names == ["attention_node", "vpr_localizer"]
         probe = Probe(graph)
         t0 = time.monotonic()
         stats = replay_bag(probe.node, lund.bag, rate=REPLAY_RATE, topics=[IMAGE_TOPIC],
-                           remap={IMAGE_TOPIC: "image"}, start_delay_s=2.0)
+                           remap={IMAGE_TOPIC: "image"}, start_delay_s=2.0, reliable=True)
         assert stats.published == {IMAGE_TOPIC: 15}
         assert wait_for(lambda: probe.count(probe.poses) >= 15, timeout=60.0), \
             f"only {probe.count(probe.poses)} of 15 poses within 60 s"

@@ -228,7 +228,7 @@ def _cmd_replay(args) -> int:
     try:
         node = rclpy.create_node("vpr_replay", context=context)
         stats = replay_bag(node, args.bag, rate=args.rate, topics=args.topics, remap=remap, stop=stop,
-                           start_delay_s=args.start_delay)
+                           start_delay_s=args.start_delay, reliable=args.reliable)
     finally:
         if node is not None:
             node.destroy_node()
@@ -334,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="publish bag topic FROM as TO (e.g. /camera/image_raw:=image)")
     r.add_argument("--start-delay", type=float, default=1.0,
                    help="seconds between creating the publishers and the first message (discovery)")
+    r.add_argument("--reliable", action="store_true",
+                   help="publish images reliable too (lossless into subscribers that set "
+                        "qos_overrides.<topic>.subscription.reliability: reliable)")
     r.set_defaults(func=_cmd_replay)
 
     g = sub.add_parser("run", help="start the ROS 2 nodes of a parameter YAML in one process")

@@ -20,3 +20,28 @@ def latched_qos() -> QoSProfile:
     """Reliable, transient-local, depth 1: state a late subscriber still needs (e.g. map markers)."""
     return QoSProfile(reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL,
                       history=HistoryPolicy.KEEP_LAST, depth=1)
+
+
+def sensor_subscription(node, msg_type, topic: str, callback, depth: int = 1, **kwargs):
+    """Subscribe to sensor input with :func:`sensor_qos`, overridable by standard ROS 2 QoS parameters.
+
+    The subscription accepts the ``qos_overrides.<topic>.subscription.{reliability,depth,history,
+    durability}`` parameters (rclpy ``QoSOverridingOptions``), so a deployment or a test that needs
+    lossless delivery (e.g. a bag replayed with ``--reliable``) sets, in the node's params YAML::
+
+        qos_overrides:
+          /image:
+            subscription: {reliability: reliable, depth: 10}
+
+    Args:
+        node: the rclpy node.
+        msg_type: message class.
+        topic: topic name (relative names are resolved by the node).
+        callback: message callback.
+        depth: keep-last depth of the default sensor-data profile.
+        **kwargs: passed to ``Node.create_subscription`` (e.g. ``callback_group``).
+    """
+    from rclpy.qos_overriding_options import QoSOverridingOptions
+
+    return node.create_subscription(msg_type, topic, callback, sensor_qos(depth=depth),
+                                    qos_overriding_options=QoSOverridingOptions.with_default_policies(), **kwargs)

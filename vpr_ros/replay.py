@@ -45,7 +45,7 @@ class ReplayStats:
 
 def replay_bag(node, bag_path: str, rate: float = 1.0, topics: Optional[Sequence[str]] = None,
                remap: Optional[Dict[str, str]] = None, stop: Optional[threading.Event] = None,
-               start_delay_s: float = 0.0) -> ReplayStats:
+               start_delay_s: float = 0.0, reliable: bool = False) -> ReplayStats:
     """Publish a bag's messages from ``node`` with their original relative timing.
 
     Args:
@@ -56,8 +56,11 @@ def replay_bag(node, bag_path: str, rate: float = 1.0, topics: Optional[Sequence
         remap: bag topic -> published topic name.
         stop: set this event to stop early.
         start_delay_s: wait this long after creating the publishers (lets subscribers match).
+        reliable: publish image topics reliable (depth 10) too, for lossless replay into
+            subscribers whose ``qos_overrides`` ask for reliability (see ``qos.sensor_subscription``).
 
-    Image topics are published with sensor-data QoS, everything else reliable.
+    Image topics are published with sensor-data QoS (best effort: frames may be lost under load,
+    as from a real camera) unless ``reliable``; everything else reliable.
 
     Raises:
         DatasetError: missing/corrupt bag or unknown message type.
@@ -77,7 +80,7 @@ def replay_bag(node, bag_path: str, rate: float = 1.0, topics: Optional[Sequence
             if c.topic in pubs:
                 continue
             classes[c.topic] = message_class(c.msgtype)
-            qos = sensor_qos(depth=5) if c.msgtype in SENSOR_TYPES else reliable_qos()
+            qos = sensor_qos(depth=5) if c.msgtype in SENSOR_TYPES and not reliable else reliable_qos()
             pubs[c.topic] = node.create_publisher(classes[c.topic], remap.get(c.topic, c.topic), qos)
         if start_delay_s > 0:
             time.sleep(start_delay_s)
