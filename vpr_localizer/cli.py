@@ -42,6 +42,15 @@ def add_encoder_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int)
     g.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--checkpoint", help="trained encoder checkpoint (aggregator + PCA)")
+    g.add_argument("--static-mask", action="store_true", default=None,
+                   help="NetVLAD weighted by the segmentation's static-structure mask")
+    g.add_argument("--seg-stream", action="store_true", default=None,
+                   help="add the segmentation stream (colour-coded labels through the backbone, concatenated)")
+    g.add_argument("--attention", action="store_true", default=None, help="one spatial attention module per stream")
+    g.add_argument("--segmentation", help="segmentation backend for --static-mask/--seg-stream (e.g. espnetv2)")
+    g.add_argument("--segmentation-weights", help="that backend's weight file")
+    g.add_argument("--segmentation-size", nargs=2, type=int, metavar=("W", "H"),
+                   help="segmentation network input size, pixels (default 512 256)")
 
 
 def encoder_config_from_args(args, base: Optional[Dict] = None):
@@ -53,7 +62,8 @@ def encoder_config_from_args(args, base: Optional[Dict] = None):
     if getattr(args, "params", None):
         d.update(load_params(args.params).get("encoder", {}))
     for key in ("backbone", "weights", "preprocessing", "aggregator", "num_clusters", "pca_dim",
-                "pca_min_images", "batch_size", "device", "checkpoint"):
+                "pca_min_images", "batch_size", "device", "checkpoint", "static_mask", "seg_stream",
+                "attention", "segmentation", "segmentation_weights", "segmentation_size"):
         v = getattr(args, key, None)
         if v is not None:
             d[key] = v
@@ -101,9 +111,10 @@ def _cmd_localize(args) -> int:
 
 
 def _scenario_encoder_base(scenario, shared: str) -> Dict:
-    from .scenarios import VGG16_WEIGHTS
+    from .scenarios import SEGMENTATION_BACKEND, SEGMENTATION_WEIGHTS, VGG16_WEIGHTS
 
-    return {"weights": os.path.join(shared, VGG16_WEIGHTS), "image_size": list(scenario.image_size)}
+    return {"weights": os.path.join(shared, VGG16_WEIGHTS), "image_size": list(scenario.image_size),
+            "segmentation": SEGMENTATION_BACKEND, "segmentation_weights": os.path.join(shared, SEGMENTATION_WEIGHTS)}
 
 
 def _run_scenario(name: str, args) -> Dict:

@@ -25,6 +25,8 @@ from torch import nn
 from .aggregation import GeM, GlobalAvgPool, NetVLAD, kmeans_centroids
 from .backbones import Backbone, build_backbone
 from .errors import ConfigError, ImageLoadError, WeightsError
+from .files import sha256_file
+from .guided import GuidedNetVLAD, StreamFeatures, static_feature_weights
 from .images import load_image, resize_image
 from .pca import PCAWhitening
 
@@ -60,6 +62,16 @@ class EncoderConfig:
         seed: random seed for the feature sample and k-means.
         checkpoint: a trained encoder checkpoint (see :meth:`Encoder.save_checkpoint`); when
             given, its aggregator and PCA are used and no k-means / PCA fit happens.
+        static_mask: (NetVLAD) weight local features by the segmentation's static-structure
+            mask (:mod:`vpr_localizer.guided`).
+        seg_stream: (NetVLAD) add the segmentation stream: the colour-coded labels through the
+            same backbone, a second NetVLAD, concatenated before PCA.
+        attention: (NetVLAD) one spatial attention module per stream (trained by
+            ``vpr-localizer train``; untrained it is a constant, i.e. neutral, map).
+        segmentation: backend that labels images when the encoder needs labels
+            (``espnetv2`` | ``espnet`` | ``panoptic_deeplab``; ``none`` = no guidance possible).
+        segmentation_weights: that backend's weight file.
+        segmentation_size: the backend's network input (width, height) in pixels.
     """
 
     backbone: str = "vgg16"
@@ -77,6 +89,22 @@ class EncoderConfig:
     kmeans_iterations: int = 25
     seed: int = 0
     checkpoint: Optional[str] = None
+    static_mask: bool = False
+    seg_stream: bool = False
+    attention: bool = False
+    segmentation: str = "none"
+    segmentation_weights: Optional[str] = None
+    segmentation_size: Tuple[int, int] = (512, 256)
+
+    @property
+    def guided(self) -> bool:
+        """True when NetVLAD gets any segmentation/attention guidance (:mod:`vpr_localizer.guided`)."""
+        return self.aggregator == "netvlad" and (self.static_mask or self.seg_stream or self.attention)
+
+    @property
+    def needs_labels(self) -> bool:
+        """True when descriptors depend on segmentation labels (static mask or segmentation stream)."""
+        return self.aggregator == "netvlad" and (self.static_mask or self.seg_stream)
 
     @classmethod
     def from_dict(cls, d: Dict) -> "EncoderConfig":
@@ -86,13 +114,15 @@ class EncoderConfig:
         if unknown:
             raise ValueError(f"unknown encoder parameter(s): {', '.join(sorted(unknown))}")
         d = dict(d)
-        if "image_size" in d and d["image_size"] is not None:
-            d["image_size"] = tuple(int(v) for v in d["image_size"])
+        for key in ("image_size", "segmentation_size"):
+            if key in d and d[key] is not None:
+                d[key] = tuple(int(v) for v in d[key])
         return cls(**d)
 
     def to_dict(self) -> Dict:
         d = asdict(self)
         d["image_size"] = list(self.image_size)
+        d["segmentation_size"] = list(self.segmentation_size)
         return d
 
 
@@ -223,13 +253,23 @@ class Encoder:
             raise ValueError(f"unknown aggregator {config.aggregator!r}; choose one of {AGGREGATORS}")
         if len(config.image_size) != 2 or min(config.image_size) < 16:
             raise ValueError(f"image_size must be (width, height) >= 16 px, got {config.image_size}")
+        if config.needs_labels and str(config.segmentation).lower() == "none":
+            raise ConfigError("static_mask / seg_stream need a segmentation backend: set encoder "
+                              "segmentation (e.g. espnetv2) and segmentation_weights")
         self.config = config
         self.device = resolve_device(config.device)
         self.backbone = backbone or build_backbone(config.backbone, config.weights, config.preprocessing)
         self.backbone.to(self.device).eval()
+        self._segmenter = None
+        self.segmentation_sha256 = (sha256_file(config.segmentation_weights)
+                                    if config.needs_labels and config.segmentation_weights
+                                    and os.path.isfile(config.segmentation_weights) else None)
         d = self.backbone.out_channels
-        if config.aggregator == "netvlad":
-            self.aggregator: nn.Module = NetVLAD(config.num_clusters, d)
+        if config.guided:
+            self.aggregator: nn.Module = GuidedNetVLAD(config.num_clusters, d, seg_stream=config.seg_stream,
+                                                       attention=config.attention, static_mask=config.static_mask)
+        elif config.aggregator == "netvlad":
+            self.aggregator = NetVLAD(config.num_clusters, d)
         elif config.aggregator == "gem":
             self.aggregator = GeM()
         else:
@@ -244,8 +284,8 @@ class Encoder:
 
     @property
     def raw_dim(self) -> int:
-        """Aggregator output dimension (K*D for NetVLAD, D for GeM/GAP)."""
-        if isinstance(self.aggregator, NetVLAD):
+        """Aggregator output dimension (K*D for NetVLAD, 2*K*D with the segmentation stream, D for GeM/GAP)."""
+        if isinstance(self.aggregator, (NetVLAD, GuidedNetVLAD)):
             return self.aggregator.out_dim
         return self.backbone.out_channels
 
@@ -280,7 +320,17 @@ class Encoder:
             "descriptor_dim": int(self.dim),
             "pca_dim": int(self.pca.dim) if self.pca is not None else 0,
             "params_sha256": _state_hash(params),
+            **({"guidance": self.guidance()} if self.config.guided else {}),
         }
+
+    def guidance(self) -> Dict:
+        """The segmentation/attention part of the identity (only for a guided encoder)."""
+        cfg = self.config
+        return {"static_mask": bool(cfg.static_mask), "seg_stream": bool(cfg.seg_stream),
+                "attention": bool(cfg.attention),
+                "segmentation": str(cfg.segmentation).lower() if cfg.needs_labels else "none",
+                "segmentation_weights_sha256": self.segmentation_sha256,
+                "segmentation_size": [int(v) for v in cfg.segmentation_size] if cfg.needs_labels else None}
 
     # --- checkpoints ------------------------------------------------------------------
 
@@ -300,6 +350,7 @@ class Encoder:
                 "num_clusters": int(self.config.num_clusters),
                 "alpha": float(getattr(self.aggregator, "alpha", 0.0)),
                 "state_dict": self.aggregator_state(),
+                "guidance": self.guidance() if self.config.guided else None,
             },
             "pca": None if self.pca is None else {
                 k: torch.from_numpy(np.atleast_1d(np.asarray(v, np.float32))) for k, v in self.pca.state().items()
@@ -338,12 +389,20 @@ class Encoder:
                 and agg["type"] == "netvlad":
             raise WeightsError(f"checkpoint aggregator {agg['type']} K={agg['num_clusters']} does not match "
                                f"configured {self.config.aggregator} K={self.config.num_clusters}")
+        theirs, mine_g = agg.get("guidance"), (self.guidance() if self.config.guided else None)
+        if theirs != mine_g:
+            raise WeightsError(f"checkpoint segmentation/attention guidance {theirs} does not match the "
+                               f"configured {mine_g}")
         try:
             self.aggregator.load_state_dict(agg["state_dict"], strict=True)
         except RuntimeError as exc:
             raise WeightsError(f"checkpoint aggregator tensors do not fit: {exc}") from exc
         if isinstance(self.aggregator, NetVLAD):
             self.aggregator.alpha = float(agg.get("alpha", self.aggregator.alpha))
+        elif isinstance(self.aggregator, GuidedNetVLAD):
+            for vlad in (self.aggregator.image_vlad, self.aggregator.seg_vlad):
+                if vlad is not None:
+                    vlad.alpha = float(agg.get("alpha", vlad.alpha))
         pca = ckpt.get("pca")
         self.pca = None if pca is None else PCAWhitening.from_state(
             {k: (v.numpy() if k != "eps" else float(v.reshape(-1)[0])) for k, v in pca.items()})
@@ -365,20 +424,108 @@ class Encoder:
         x = self.backbone.preprocessing(images, self.device)
         return self.backbone(x)
 
+    @property
+    def segmenter(self):
+        """The segmentation backend that labels images for a guided encoder (built on first use).
+
+        Raises:
+            WeightsError: backend unknown or its weights missing/unloadable.
+        """
+        if self._segmenter is None:
+            from .semantics import make_backend
+
+            cfg = self.config
+            self._segmenter = make_backend(cfg.segmentation, weights=cfg.segmentation_weights,
+                                           device=str(self.device), input_size=tuple(cfg.segmentation_size))
+        return self._segmenter
+
+    def prepare_labels(self, labels: Sequence[np.ndarray]) -> np.ndarray:
+        """Label maps of any size -> ``uint8 (B, H, W)`` at ``config.image_size`` (nearest neighbour).
+
+        Args:
+            labels: ``(H_i, W_i)`` integer Cityscapes trainIds, one per image (e.g. from the
+                ``segmentation/labels`` topic at camera resolution).
+
+        Raises:
+            ValueError: a label map that is not a non-empty 2-D integer array.
+        """
+        from PIL import Image as PILImage
+
+        w, h = self.config.image_size
+        out = np.empty((len(labels), h, w), np.uint8)
+        for i, lab in enumerate(labels):
+            lab = np.asarray(lab)
+            if lab.ndim != 2 or lab.size == 0 or not np.issubdtype(lab.dtype, np.integer):
+                raise ValueError(f"labels must be non-empty 2-D integer trainId maps, got {lab.dtype} {lab.shape}")
+            lab = np.clip(lab, 0, 255).astype(np.uint8)
+            out[i] = lab if lab.shape == (h, w) else np.asarray(
+                PILImage.fromarray(lab).resize((w, h), PILImage.NEAREST))
+        return out
+
+    def label_images(self, images: np.ndarray) -> np.ndarray:
+        """Segment a batch: ``uint8 (B, H, W, 3)`` RGB -> ``uint8 (B, H, W)`` trainIds (same size)."""
+        return np.stack([np.asarray(self.segmenter(im), np.uint8) for im in images]) if len(images) else \
+            np.zeros((0,) + images.shape[1:3], np.uint8)
+
     @torch.no_grad()
-    def aggregate(self, features: torch.Tensor, weights: Optional[torch.Tensor] = None) -> np.ndarray:
-        """``(B, C, h, w)`` features -> ``(B, raw_dim)`` float32 (before PCA), on CPU."""
+    def stream_features(self, images: np.ndarray, labels: Optional[Sequence[np.ndarray]] = None) -> StreamFeatures:
+        """Backbone features of every stream the encoder uses.
+
+        Args:
+            images: ``uint8 (B, H, W, 3)`` RGB at ``config.image_size``.
+            labels: ``(H_i, W_i)`` trainId maps for the images (any size); None = run the
+                encoder's segmentation backend when the encoder needs labels.
+
+        Returns:
+            :class:`~vpr_localizer.guided.StreamFeatures` (``seg``/``static`` None when unused).
+        """
+        feats = StreamFeatures(self.feature_maps(images))
+        if not self.config.needs_labels:
+            return feats
+        lab = self.label_images(images) if labels is None else self.prepare_labels(labels)
+        if self.config.static_mask:
+            feats.static = static_feature_weights(lab, tuple(feats.image.shape[-2:]), device=self.device)
+        if self.config.seg_stream:
+            from .semantics import colorize
+
+            feats.seg = self.feature_maps(np.stack([colorize(x) for x in lab]))
+        return feats
+
+    @torch.no_grad()
+    def aggregate(self, features, weights: Optional[torch.Tensor] = None) -> np.ndarray:
+        """Features -> ``(B, raw_dim)`` float32 (before PCA), on CPU.
+
+        Args:
+            features: ``(B, C, h, w)`` image-stream features, or :class:`StreamFeatures`
+                (required by a guided encoder).
+            weights: optional ``(B, 1, h, w)`` per-location weights (plain aggregators only).
+        """
+        if isinstance(self.aggregator, GuidedNetVLAD):
+            if not isinstance(features, StreamFeatures):
+                features = StreamFeatures(features)
+            return self.aggregator(features).float().cpu().numpy()
+        if isinstance(features, StreamFeatures):
+            features = features.image
         return self.aggregator(features, weights).float().cpu().numpy()
+
+    @torch.no_grad()
+    def attention_maps(self, features: StreamFeatures) -> Dict[str, Optional[torch.Tensor]]:
+        """The NetVLAD weight map of each stream, ``(B, 1, h, w)`` (None: uniform / no such stream)."""
+        if isinstance(self.aggregator, GuidedNetVLAD):
+            return self.aggregator.weight_maps(features)
+        return {"image": None, "seg": None}
 
     def apply_pca(self, raw: np.ndarray) -> np.ndarray:
         """``(N, raw_dim)`` -> ``(N, dim)``; identity when the encoder has no PCA."""
         return raw.astype(np.float32) if self.pca is None else self.pca.transform(raw)
 
-    def encode_images(self, images: Sequence[np.ndarray]) -> np.ndarray:
+    def encode_images(self, images: Sequence[np.ndarray], labels: Optional[Sequence[np.ndarray]] = None) -> np.ndarray:
         """Encode in-memory images (any size; resized here).
 
         Args:
             images: ``uint8`` ``(H, W, 3)`` RGB arrays.
+            labels: their segmentation trainId maps (any size), for a guided encoder; None = the
+                encoder segments the images itself when it needs labels.
 
         Returns:
             ``(N, dim)`` float32 L2-normalised descriptors.
@@ -390,10 +537,13 @@ class Encoder:
         self._require_trained()
         if len(images) == 0:
             return np.zeros((0, self.dim), np.float32)
+        if labels is not None and len(labels) != len(images):
+            raise ValueError(f"{len(labels)} label maps for {len(images)} images")
         batch = np.stack([resize_image(im, self.config.image_size) for im in images])
-        out = []
-        for s in range(0, len(batch), self.config.batch_size):
-            out.append(self.aggregate(self.feature_maps(batch[s:s + self.config.batch_size])))
+        out, bs = [], self.config.batch_size
+        for s in range(0, len(batch), bs):
+            lab = None if labels is None else labels[s:s + bs]
+            out.append(self.aggregate(self.stream_features(batch[s:s + bs], lab)))
         return self.apply_pca(np.concatenate(out))
 
     def _require_trained(self) -> None:
@@ -423,11 +573,11 @@ class Encoder:
         bar = tqdm(total=len(paths), desc=progress, unit="img", disable=progress is None, leave=False)
         for idx, batch in iter_image_batches(paths, self.config.image_size, self.config.batch_size,
                                              on_skip=lambda p, r: (skipped.append((p, r)), bar.update(1))):
-            feats = self.feature_maps(batch)
+            feats = self.stream_features(batch)
             raw.append(self.aggregate(feats))
             with torch.no_grad():
                 for k, head in heads.items():
-                    extras[k].append(head(feats).float().cpu().numpy())
+                    extras[k].append(head(feats.image).float().cpu().numpy())
             ok.extend(idx)
             bar.update(len(idx))
         bar.close()
@@ -442,7 +592,7 @@ class Encoder:
     # --- fitting on a map ---------------------------------------------------------------
 
     def sample_local_features(self, paths: Sequence[str], progress: Optional[str] = None) -> np.ndarray:
-        """L2-normalised local features sampled from up to ``kmeans_max_images`` images.
+        """L2-normalised image-stream local features sampled from up to ``kmeans_max_images`` images.
 
         Images are taken evenly spaced over ``paths``; from each, a random subset of its
         feature-map locations (``kmeans_max_features / n_images`` of them).
@@ -450,6 +600,11 @@ class Encoder:
         Returns:
             ``(N, C)`` float32.
         """
+        return self.sample_stream_features(paths, progress)["image"]
+
+    def sample_stream_features(self, paths: Sequence[str], progress: Optional[str] = None) -> Dict[str, np.ndarray]:
+        """:meth:`sample_local_features` per stream: ``{"image": (N, C)[, "seg": (N, C)]}`` float32
+        (the segmentation stream at the same images and locations as the image stream)."""
         from tqdm import tqdm
 
         cfg = self.config
@@ -458,14 +613,21 @@ class Encoder:
         sub = [paths[i] for i in chosen]
         per_image = max(1, math.ceil(cfg.kmeans_max_features / max(len(sub), 1)))
         rng = np.random.default_rng(cfg.seed)
-        out = []
+        streams = ("image", "seg") if cfg.guided and cfg.seg_stream else ("image",)
+        out = {k: [] for k in streams}
         bar = tqdm(total=len(sub), desc=progress, unit="img", disable=progress is None, leave=False)
         for idx, batch in iter_image_batches(sub, cfg.image_size, cfg.batch_size,
                                              on_skip=lambda p, r: bar.update(1)):
-            out.append(sample_feature_locations(self.feature_maps(batch), per_image, rng))
+            feats = self.stream_features(batch) if len(streams) > 1 else StreamFeatures(self.feature_maps(batch))
+            state = rng.bit_generator.state
+            out["image"].append(sample_feature_locations(feats.image, per_image, rng))
+            if "seg" in out:  # same locations: replay the generator
+                rng.bit_generator.state = state
+                out["seg"].append(sample_feature_locations(feats.seg, per_image, rng))
             bar.update(len(idx))
         bar.close()
-        return np.concatenate(out).astype(np.float32) if out else np.zeros((0, self.backbone.out_channels), np.float32)
+        c = self.backbone.out_channels
+        return {k: np.concatenate(v).astype(np.float32) if v else np.zeros((0, c), np.float32) for k, v in out.items()}
 
     def fit_aggregator(self, paths: Sequence[str], progress: Optional[str] = None) -> None:
         """Initialise NetVLAD centroids and assignment from k-means on the images' local features.
@@ -477,30 +639,40 @@ class Encoder:
         """
         if self.trained:
             return
-        self.init_aggregator_from_sample(self.sample_local_features(paths, progress),
-                                         f"the {len(paths)} map images")
+        samples = self.sample_stream_features(paths, progress)
+        self.init_aggregator_from_sample(samples["image"], f"the {len(paths)} map images", samples.get("seg"))
 
-    def init_aggregator_from_sample(self, sample: np.ndarray, source: str) -> None:
+    def init_aggregator_from_sample(self, sample: np.ndarray, source: str,
+                                    seg_sample: Optional[np.ndarray] = None) -> None:
         """NetVLAD initialisation by FAISS k-means on a sample of local features (NetVLAD Sec. 4).
 
         Args:
-            sample: ``(N, C)`` float32 L2-normalised local features
+            sample: ``(N, C)`` float32 L2-normalised image-stream local features
                 (:meth:`sample_local_features` or :func:`sample_feature_locations`).
             source: where the sample came from, for the error message and the log.
+            seg_sample: ``(M, C)`` the same for the segmentation stream (required with
+                ``seg_stream``; its NetVLAD gets its own k-means vocabulary).
 
         Raises:
-            ValueError: fewer local features than clusters K.
+            ValueError: fewer local features than clusters K, or a missing segmentation sample.
         """
         k = self.config.num_clusters
-        if len(sample) < k:
-            raise ValueError(f"NetVLAD k-means needs >= {k} local features; {source} "
-                             f"gave {len(sample)} (use larger image_size or smaller num_clusters)")
-        centroids = kmeans_centroids(sample, k, niter=self.config.kmeans_iterations, seed=self.config.seed)
-        self.aggregator.init_from_clusters(centroids, sample)
+        agg = self.aggregator
+        targets = [("image", agg.image_vlad if isinstance(agg, GuidedNetVLAD) else agg, sample)]
+        if isinstance(agg, GuidedNetVLAD) and agg.seg_vlad is not None:
+            if seg_sample is None:
+                raise ValueError("the segmentation stream's NetVLAD needs its own k-means sample (seg_sample)")
+            targets.append(("segmentation", agg.seg_vlad, seg_sample))
+        for name, vlad, smp in targets:
+            if len(smp) < k:
+                raise ValueError(f"NetVLAD k-means needs >= {k} local features; {source} "
+                                 f"gave {len(smp)} (use larger image_size or smaller num_clusters)")
+            centroids = kmeans_centroids(smp, k, niter=self.config.kmeans_iterations, seed=self.config.seed)
+            vlad.init_from_clusters(centroids, smp)
+            LOG.info("NetVLAD (%s stream) initialised by k-means: K=%d on %d local features of %s (alpha=%.1f)",
+                     name, k, len(smp), source, vlad.alpha)
         self.aggregator.to(self.device)
         self.trained = True
-        LOG.info("NetVLAD initialised by k-means: K=%d on %d local features of %s (alpha=%.1f)",
-                 k, len(sample), source, self.aggregator.alpha)
 
     def fit_pca(self, raw: np.ndarray) -> bool:
         """Fit PCA whitening on the map's raw descriptors ``(N, raw_dim)`` when allowed.

@@ -171,12 +171,15 @@ class Localizer:
 
 
 def encoder_for_map(vpr_map: VprMap, weights: Optional[str] = None, device: str = "auto",
-                    batch_size: int = 8, checkpoint: Optional[str] = None) -> Encoder:
+                    batch_size: int = 8, checkpoint: Optional[str] = None,
+                    segmentation_weights: Optional[str] = None) -> Encoder:
     """Rebuild the encoder that built ``vpr_map`` and verify its fingerprint.
 
     The backbone weights come from ``weights`` or the path recorded in ``map.yaml``; the
     aggregator and PCA come from the map's ``encoder.pt``, or from ``checkpoint`` when given
-    (which must then be the same encoder).
+    (which must then be the same encoder). A guided encoder (static mask, segmentation stream,
+    attention) gets its flags from the fingerprint and its segmentation weights from
+    ``segmentation_weights`` or the path recorded in ``map.yaml``.
 
     Raises:
         WeightsError: weight file missing or unloadable.
@@ -189,6 +192,14 @@ def encoder_for_map(vpr_map: VprMap, weights: Optional[str] = None, device: str 
                         preprocessing=fp["preprocessing"], image_size=tuple(fp["image_size"]),
                         aggregator=fp["aggregator"], num_clusters=fp["num_clusters"] or 64,
                         device=device, batch_size=batch_size)
+    guidance = fp.get("guidance")
+    if guidance:
+        cfg.static_mask, cfg.seg_stream = bool(guidance["static_mask"]), bool(guidance["seg_stream"])
+        cfg.attention = bool(guidance["attention"])
+        if cfg.needs_labels:
+            cfg.segmentation = guidance["segmentation"]
+            cfg.segmentation_size = tuple(int(v) for v in guidance["segmentation_size"])
+            cfg.segmentation_weights = segmentation_weights or build.get("segmentation_weights")
     enc = Encoder(cfg)
     try:
         if checkpoint:

@@ -129,6 +129,8 @@ def save_map(encoding: MapEncoding, encoder: Encoder, out_path: str, index_kind:
     meta = {"build": {"weights": os.path.abspath(encoder.backbone.weights_path),
                       "index": index_kind, "images": len(encoding.records),
                       "skipped": len(encoding.result.skipped)}}
+    if encoder.config.needs_labels and encoder.config.segmentation_weights:
+        meta["build"]["segmentation_weights"] = os.path.abspath(encoder.config.segmentation_weights)
     if extra:
         meta["build"].update(extra)
     return write_map(out_path, keyframes_from_records(encoding.records), index, encoder.checkpoint_state(),

@@ -15,6 +15,10 @@ from .evaluate import GroundTruth
 from .records import ImageRecord, load_records, select, records_from_csv
 
 VGG16_WEIGHTS = "weights/vgg16_features_imagenet_caffe_bgr.pth"
+#: Segmentation backend (and its weights, relative to the shared folder) that guided encoders
+#: (static mask / segmentation stream) use in the scenarios unless told otherwise.
+SEGMENTATION_BACKEND = "espnetv2"
+SEGMENTATION_WEIGHTS = "weights/espnetv2_s_2.0_city_1024x512.pth"
 
 
 @dataclass(frozen=True)
