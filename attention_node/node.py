@@ -1,34 +1,51 @@
 """``attention_node``: camera image (+ segmentation labels) -> global descriptor for the map.
 
+The encoder is rebuilt from the map (:func:`encoder_for_map`), including its segmentation /
+attention guidance (:mod:`vpr_localizer.guided`: static-structure mask, segmentation stream,
+learned spatial attention), so every descriptor equals what the offline
+:meth:`Encoder.encode_images` gives for the same image (and the same labels).
+
 Subscribes:
     ``image`` (sensor_msgs/Image), or ``image/compressed`` (sensor_msgs/CompressedImage) with
     ``compressed: true`` -- sensor-data QoS, newest frame only (:class:`LatestFrameWorker`);
-    ``segmentation/labels`` (sensor_msgs/Image, mono8 trainIds) with ``use_labels: true``,
-    matched to the camera frame by header stamp.
+    ``segmentation/labels`` (sensor_msgs/Image, mono8 Cityscapes trainIds, any size, e.g. from
+    ``segmentation_node``) with ``use_labels: true``, matched to the camera frame by header
+    stamp (waiting up to ``labels_wait_s``).
+Labels and the descriptor:
+    * map encoder needs labels (``static_mask`` or ``seg_stream``) and ``use_labels: true``: the
+      synchronised label message is used (``encode_images([rgb], labels=[labels])``); when none
+      arrives within ``labels_wait_s`` (or it is not mono8/8UC1), the frame is encoded with the
+      encoder's own segmentation backend instead (throttled warning, counted);
+    * map encoder needs labels and ``use_labels: false``: the encoder segments every frame itself
+      with the backend recorded in the map (``encode_images([rgb])``);
+    * map encoder needs no labels (plain NetVLAD / GeM / GAP, or attention only): labels, when
+      subscribed, are only synchronised and counted.
 Publishes (reliable QoS, header copied from the camera image):
-    ``vpr/descriptor`` (sensor_msgs/Image, 32FC1, 1 x D): the encoder's global descriptor,
-    equal to what the offline :meth:`Encoder.encode_images` gives for the same image;
+    ``vpr/descriptor`` (sensor_msgs/Image, 32FC1, 1 x D): the encoder's global descriptor;
     ``vpr/patch_descriptors`` (32FC1, N x C, ``publish_patch_descriptors: true``): the
-    L2-normalised local features of the backbone map, N = h * w locations in row-major order;
+    L2-normalised local features of the image stream's backbone map, N = h * w locations in
+    row-major order;
     ``vpr/attention`` (sensor_msgs/Image, rgb8, camera image size, ``publish_attention: true``):
-    a heat map of where the descriptor looks. For now it is the per-location L2 norm of the
-    backbone features, min-max normalised and colour-mapped (jet); the learned attention map of
-    the segmentation/attention issue will replace it on the same topic, in the same format;
-    ``diagnostics`` (diagnostic_msgs/DiagnosticArray): decode / encode / publish ms, received,
-    dropped and error counts, frames with labels.
-Parameters (``config/lund_graph.yaml``): ``map_path`` (required: the encoder is rebuilt from the
-map with :func:`encoder_for_map`, so descriptors match the map's fingerprint exactly),
-``weights`` (backbone weight file; ``""`` = the one recorded in map.yaml), ``device``,
-``compressed``, ``use_labels``, ``labels_wait_s``, ``publish_patch_descriptors``,
-``publish_attention``.
+    where the descriptor looks. With a guided encoder that weights the image stream (static
+    mask and/or learned attention) it is that NetVLAD weight map -- static mask x attention,
+    divided by its maximum, upsampled bilinearly and colour-mapped (jet: blue = weight 0, e.g.
+    sky and cars under the static mask; red = full weight) by :func:`weight_heatmap`. Otherwise
+    (plain encoder, or segmentation stream only) it is the per-location L2 norm of the backbone
+    features, min-max normalised and colour-mapped the same way (:func:`attention_heatmap`);
+    ``diagnostics`` (diagnostic_msgs/DiagnosticArray): decode / labels wait / encode / publish ms,
+    received, dropped and error counts, the guidance flags (``guided``, ``static_mask``,
+    ``seg_stream``, ``attention``, ``needs_labels``), frames with / without synchronised labels,
+    and frames encoded with topic labels vs the encoder's own segmentation.
+Parameters (``config/lund_graph.yaml``): ``map_path`` (required), ``weights`` (backbone weight
+file; ``""`` = the one recorded in map.yaml), ``segmentation_weights`` (segmentation backend
+weight file of a guided map; ``""`` = the one recorded in map.yaml), ``device``, ``compressed``,
+``use_labels``, ``labels_wait_s``, ``publish_patch_descriptors``, ``publish_attention``.
 
-Labels are synchronised and counted only: the core cannot use them in the descriptor yet, and
-the descriptor must stay identical to the offline encoder's (the map was built with it).
-
-A map that cannot be loaded (or an encoder that does not fit it) is fatal: the constructor
-raises :class:`MapError`. A bad camera message (unsupported encoding, size not matching the
-data, zero size, corrupt compressed data) is logged by the worker and dropped; the node keeps
-running.
+A map that cannot be loaded (or an encoder that does not fit it, e.g. other segmentation
+weights) is fatal: the constructor raises :class:`MapError` / :class:`WeightsError`. A bad camera
+message (unsupported encoding, size not matching the data, zero size, corrupt compressed data)
+is logged by the worker and dropped; the node keeps running. A bad label message is logged
+(throttled) and the frame is encoded with the encoder's own segmentation.
 """
 from __future__ import annotations
 
@@ -47,7 +64,9 @@ from rclpy.node import Node
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header
 
-from vpr_localizer.errors import MapError
+from vpr_localizer import image_codec
+from vpr_localizer.errors import ImageLoadError, MapError
+from vpr_localizer.guided import StreamFeatures
 from vpr_localizer.images import resize_image
 from vpr_localizer.localize import encoder_for_map
 from vpr_localizer.map_store import VprMap
@@ -89,6 +108,49 @@ def attention_heatmap(features: torch.Tensor, size_wh: Tuple[int, int]) -> np.nd
     return _JET[up]
 
 
+def weight_heatmap(map_hw: np.ndarray, size_wh: Tuple[int, int]) -> np.ndarray:
+    """Colour-mapped NetVLAD weight map (static mask x learned attention) of one image.
+
+    ``map_hw`` ``(h, w)`` non-negative weights on the feature grid is divided by its maximum
+    (NetVLAD's normalisations make the overall scale of the weights irrelevant, only their ratios
+    count; a uniform map is all 1, an all-zero map stays 0), scaled to 0..255, resized
+    bilinearly to ``size_wh`` = (width, height) pixels and colour-mapped (jet: blue = weight 0,
+    red = the largest weight), like :func:`attention_heatmap`.
+
+    Returns:
+        ``uint8`` ``(height, width, 3)`` RGB.
+
+    Raises:
+        ValueError: not a 2-D array.
+    """
+    m = np.asarray(map_hw, dtype=np.float64)
+    if m.ndim != 2 or m.size == 0:
+        raise ValueError(f"weight map must be a non-empty 2-D array, got shape {m.shape}")
+    m = np.nan_to_num(np.clip(m, 0.0, None), nan=0.0, posinf=0.0)
+    hi = float(m.max())
+    scaled = m / hi if hi > 0 else np.zeros_like(m)
+    gray = np.round(255.0 * scaled).astype(np.uint8)
+    up = np.asarray(PILImage.fromarray(gray, "L").resize((int(size_wh[0]), int(size_wh[1])),
+                                                         PILImage.BILINEAR), dtype=np.uint8)
+    return _JET[up]
+
+
+def labels_msg_to_array(msg: Image) -> np.ndarray:
+    """mono8 (or 8UC1) ``sensor_msgs/Image`` of trainIds -> ``uint8 (H, W)``.
+
+    Raises:
+        ImageLoadError: another encoding, or size not matching the data.
+    """
+    enc = str(msg.encoding).strip().lower()
+    if enc == "mono8":
+        rgb = image_msg_to_rgb(msg)
+    elif enc == "8uc1":  # same memory layout as mono8
+        rgb = image_codec.image_to_rgb("mono8", msg.height, msg.width, msg.step, msg.is_bigendian, msg.data)
+    else:
+        raise ImageLoadError(f"segmentation/labels must be mono8 (or 8UC1) trainIds, got encoding {msg.encoding!r}")
+    return np.ascontiguousarray(rgb[:, :, 0])
+
+
 def patch_descriptors(features: torch.Tensor) -> np.ndarray:
     """``(C, h, w)`` features -> ``float32 (h*w, C)`` L2-normalised local descriptors (row-major)."""
     c = features.shape[0]
@@ -103,6 +165,7 @@ class AttentionNode(Node):
         super().__init__(NODE_NAME, **kwargs)
         self.declare_parameter("map_path", "")
         self.declare_parameter("weights", "")
+        self.declare_parameter("segmentation_weights", "")
         self.declare_parameter("device", "auto")
         self.declare_parameter("compressed", False)
         self.declare_parameter("use_labels", False)
@@ -116,7 +179,9 @@ class AttentionNode(Node):
         t0 = time.perf_counter()
         vmap = VprMap.load(map_path)
         self.encoder = encoder_for_map(vmap, weights=self.get_parameter("weights").value or None,
-                                       device=self.get_parameter("device").value or "auto")
+                                       device=self.get_parameter("device").value or "auto",
+                                       segmentation_weights=self.get_parameter("segmentation_weights").value
+                                       or None)
         self.map_path = vmap.path
         self.map_keyframes = len(vmap)
         del vmap  # only the encoder is needed; the index stays with the vpr_localizer node
@@ -125,14 +190,22 @@ class AttentionNode(Node):
         self.labels_wait_s = max(0.0, float(self.get_parameter("labels_wait_s").value))
         self.publish_patches = bool(self.get_parameter("publish_patch_descriptors").value)
         self.publish_attention = bool(self.get_parameter("publish_attention").value)
+        cfg = self.encoder.config
+        self.needs_labels = bool(cfg.needs_labels)
+        if self.needs_labels:
+            _ = self.encoder.segmenter  # built now: bad weights are fatal here, not at the first frame
 
         # labels by header stamp (bounded); the worker thread waits on _labels_cond
         self._labels: "OrderedDict[Tuple[int, int], Image]" = OrderedDict()
         self._labels_cond = threading.Condition()
         self._stopping = False
         self._last_labels_warn = -float("inf")
-        self.labelled_frames = 0
-        self.unlabelled_frames = 0
+        self.labelled_frames = 0        # camera frames with a synchronised label message
+        self.unlabelled_frames = 0      # ... without one (use_labels only)
+        self.topic_label_frames = 0     # frames encoded with the topic's labels (encoder needs labels)
+        self.self_segmented_frames = 0  # frames encoded with the encoder's own segmentation
+        self._last_bad_labels_warn = -float("inf")
+        self.bad_label_msgs = 0
 
         self.pub_desc = self.create_publisher(Image, "vpr/descriptor", reliable_qos())
         self.pub_patches = (self.create_publisher(Image, "vpr/patch_descriptors", reliable_qos())
@@ -147,12 +220,25 @@ class AttentionNode(Node):
             sensor_subscription(self, Image, "image", self.worker.offer)
         if self.use_labels:
             sensor_subscription(self, Image, "segmentation/labels", self._on_labels, depth=5)
-        cfg = self.encoder.config
+        if not self.needs_labels:
+            labels_info = ", labels synchronised (not used by this encoder)" if self.use_labels else ""
+        elif self.use_labels:
+            labels_info = (f", labels from segmentation/labels (fallback: own {cfg.segmentation} segmentation "
+                           f"after {self.labels_wait_s:.2f} s)")
+        else:
+            labels_info = f", own {cfg.segmentation} segmentation"
         self.get_logger().info(
-            f"encoder for map {self.map_path} ({self.map_keyframes} keyframes): {cfg.backbone}/{cfg.aggregator} "
+            f"encoder for map {self.map_path} ({self.map_keyframes} keyframes): {cfg.backbone}/{cfg.aggregator}"
+            f"{' guided ' + str(self.guidance_flags()) if cfg.guided else ''} "
             f"at {cfg.image_size[0]}x{cfg.image_size[1]}, {self.encoder.dim}-D descriptors on "
             f"{self.encoder.device}; input {'image/compressed' if self.compressed else 'image'}"
-            f"{', labels synchronised' if self.use_labels else ''}; ready in {time.perf_counter() - t0:.2f} s")
+            f"{labels_info}; ready in {time.perf_counter() - t0:.2f} s")
+
+    def guidance_flags(self) -> dict:
+        """The map encoder's segmentation/attention guidance (all False for a plain encoder)."""
+        cfg = self.encoder.config
+        return {"static_mask": bool(cfg.guided and cfg.static_mask), "seg_stream": bool(cfg.guided and cfg.seg_stream),
+                "attention": bool(cfg.guided and cfg.attention)}
 
     # --- labels ---------------------------------------------------------------------
 
@@ -181,50 +267,91 @@ class AttentionNode(Node):
             now = time.monotonic()
             if now - self._last_labels_warn >= LABELS_WARN_PERIOD_S:
                 self._last_labels_warn = now
+                what = (f"falling back to the encoder's own {self.encoder.config.segmentation} segmentation"
+                        if self.needs_labels else "encoding without labels")
                 self.get_logger().warning(
                     f"no segmentation/labels with stamp {key[0]}.{key[1]:09d} within {self.labels_wait_s:.2f} s; "
-                    f"encoding without labels ({self.unlabelled_frames} frame(s) so far)")
+                    f"{what} ({self.unlabelled_frames} frame(s) so far)")
         else:
             self.labelled_frames += 1
         return labels
 
     # --- frames ---------------------------------------------------------------------
 
-    def encode(self, rgb: np.ndarray) -> Tuple[np.ndarray, torch.Tensor]:
-        """One backbone pass: ``(H, W, 3)`` RGB -> (``(1, D)`` descriptor, ``(C, h, w)`` features).
+    def encode(self, rgb: np.ndarray, labels: Optional[np.ndarray] = None) -> Tuple[np.ndarray, StreamFeatures]:
+        """One pass: ``(H, W, 3)`` RGB (+ ``(H', W')`` trainIds) -> (``(1, D)`` descriptor, stream features).
 
-        The descriptor equals ``encoder.encode_images([rgb])`` (same resize, same network).
+        The descriptor equals ``encoder.encode_images([rgb], labels=[labels])``, or
+        ``encoder.encode_images([rgb])`` when ``labels`` is None (the encoder then segments the
+        image itself if it needs labels): same resize, same network, same aggregation.
+        The features are those of the batch of one (``feats.image`` is ``(1, C, h, w)``).
         """
         batch = np.stack([resize_image(rgb, self.encoder.config.image_size)])  # as encode_images
-        feats = self.encoder.feature_maps(batch)
+        feats = self.encoder.stream_features(batch, None if labels is None else [labels])
         desc = self.encoder.apply_pca(self.encoder.aggregate(feats))
-        return desc, feats[0]
+        return desc, feats
+
+    def attention_image(self, feats: StreamFeatures, size_wh: Tuple[int, int]) -> np.ndarray:
+        """``vpr/attention`` content: the image stream's NetVLAD weight map when the encoder has one
+        (:func:`weight_heatmap`), else the activation-norm heat map (:func:`attention_heatmap`)."""
+        if self.encoder.config.guided:
+            weights = self.encoder.attention_maps(feats).get("image")
+            if weights is not None:
+                return weight_heatmap(weights[0, 0].float().cpu().numpy(), size_wh)
+        return attention_heatmap(feats.image[0], size_wh)
+
+    def _labels_for(self, header: Header) -> Optional[np.ndarray]:
+        """The topic labels to encode this frame with (None: own segmentation, or not needed)."""
+        msg = self._wait_labels(header) if self.use_labels else None
+        if msg is None or not self.needs_labels:
+            return None  # only synchronised and counted when the encoder does not use labels
+        try:
+            return labels_msg_to_array(msg)
+        except (ImageLoadError, ValueError) as exc:
+            self.bad_label_msgs += 1
+            now = time.monotonic()
+            if now - self._last_bad_labels_warn >= LABELS_WARN_PERIOD_S:
+                self._last_bad_labels_warn = now
+                self.get_logger().warning(
+                    f"bad segmentation/labels message ({exc}); falling back to the encoder's own "
+                    f"{self.encoder.config.segmentation} segmentation ({self.bad_label_msgs} so far)")
+            return None
 
     def _process(self, msg) -> None:
         t0 = time.perf_counter()
         rgb = image_msg_to_rgb(msg)
         t1 = time.perf_counter()
-        if self.use_labels:
-            self._wait_labels(msg.header)  # synchronised and counted; not used by the descriptor yet
+        labels = self._labels_for(msg.header)
         t2 = time.perf_counter()
-        desc, feats = self.encode(rgb)
+        desc, feats = self.encode(rgb, labels)
         t3 = time.perf_counter()
+        if self.needs_labels:
+            if labels is None:
+                self.self_segmented_frames += 1
+            else:
+                self.topic_label_frames += 1
         header = Header(stamp=msg.header.stamp, frame_id=msg.header.frame_id)
         self.pub_desc.publish(descriptor_to_msg(desc, header))
         if self.pub_patches is not None:
-            self.pub_patches.publish(descriptor_to_msg(patch_descriptors(feats), header))
+            self.pub_patches.publish(descriptor_to_msg(patch_descriptors(feats.image[0]), header))
         if self.pub_attention is not None:
-            heat = attention_heatmap(feats, (rgb.shape[1], rgb.shape[0]))
+            heat = self.attention_image(feats, (rgb.shape[1], rgb.shape[0]))
             self.pub_attention.publish(rgb_to_image_msg(heat, header))
         t4 = time.perf_counter()
         st = self.worker.stats
         values = {"decode_ms": 1e3 * (t1 - t0), "encode_ms": 1e3 * (t3 - t2), "publish_ms": 1e3 * (t4 - t3),
                   "image_width": int(rgb.shape[1]), "image_height": int(rgb.shape[0]),
                   "descriptor_dim": int(desc.shape[1]), "received": st.received, "dropped": st.dropped,
-                  "errors": st.errors}
+                  "errors": st.errors, "guided": bool(self.encoder.config.guided), **self.guidance_flags(),
+                  "needs_labels": self.needs_labels}
         if self.use_labels:
             values.update({"labels_wait_ms": 1e3 * (t2 - t1), "labelled_frames": self.labelled_frames,
                            "unlabelled_frames": self.unlabelled_frames})
+        if self.needs_labels:
+            values.update({"segmentation": str(self.encoder.config.segmentation),
+                           "topic_label_frames": self.topic_label_frames,
+                           "self_segmented_frames": self.self_segmented_frames,
+                           "bad_label_messages": self.bad_label_msgs})
         self.pub_diag.publish(diagnostics_msg(
             self.get_clock().now().to_msg(), NODE_NAME, OK if st.errors == 0 else WARN,
             "encoding" if st.errors == 0 else f"{st.errors} bad camera message(s); last: {st.last_error}",
