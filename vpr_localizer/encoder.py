@@ -349,6 +349,8 @@ class Encoder:
                 "type": self.config.aggregator,
                 "num_clusters": int(self.config.num_clusters),
                 "alpha": float(getattr(self.aggregator, "alpha", 0.0)),
+                **({"seg_alpha": float(self.aggregator.seg_vlad.alpha)}
+                   if isinstance(self.aggregator, GuidedNetVLAD) and self.aggregator.seg_vlad is not None else {}),
                 "state_dict": self.aggregator_state(),
                 "guidance": self.guidance() if self.config.guided else None,
             },
@@ -379,8 +381,12 @@ class Encoder:
         mine = {"name": self.backbone.name, "weights_sha256": self.backbone.weights_sha256,
                 "preprocessing": self.backbone.preprocessing.name,
                 "image_size": [int(v) for v in self.config.image_size]}
+        # A checkpoint without PCA holds only resolution-independent parameters (NetVLAD, attention):
+        # it may run at another input size (e.g. trained on 128x64 thumbnails, used at 640x360).
+        size_free = ckpt.get("pca") is None
         diffs = [f"{k}: checkpoint {bb.get(k)!r} vs running {v!r}" for k, v in mine.items()
-                 if (list(bb.get(k)) if k == "image_size" else bb.get(k)) != v]
+                 if (list(bb.get(k)) if k == "image_size" else bb.get(k)) != v
+                 and not (k == "image_size" and size_free)]
         if diffs:
             raise WeightsError("encoder checkpoint does not match the configured backbone (" +
                                "; ".join(diffs) + ")")
@@ -389,7 +395,9 @@ class Encoder:
                 and agg["type"] == "netvlad":
             raise WeightsError(f"checkpoint aggregator {agg['type']} K={agg['num_clusters']} does not match "
                                f"configured {self.config.aggregator} K={self.config.num_clusters}")
-        theirs, mine_g = agg.get("guidance"), (self.guidance() if self.config.guided else None)
+        # the segmentation input size changes labels, not parameters: not part of the check
+        strip = lambda g: None if g is None else {k: v for k, v in g.items() if k != "segmentation_size"}  # noqa: E731
+        theirs, mine_g = strip(agg.get("guidance")), strip(self.guidance() if self.config.guided else None)
         if theirs != mine_g:
             raise WeightsError(f"checkpoint segmentation/attention guidance {theirs} does not match the "
                                f"configured {mine_g}")
@@ -400,9 +408,9 @@ class Encoder:
         if isinstance(self.aggregator, NetVLAD):
             self.aggregator.alpha = float(agg.get("alpha", self.aggregator.alpha))
         elif isinstance(self.aggregator, GuidedNetVLAD):
-            for vlad in (self.aggregator.image_vlad, self.aggregator.seg_vlad):
-                if vlad is not None:
-                    vlad.alpha = float(agg.get("alpha", vlad.alpha))
+            self.aggregator.image_vlad.alpha = float(agg.get("alpha", self.aggregator.image_vlad.alpha))
+            if self.aggregator.seg_vlad is not None:
+                self.aggregator.seg_vlad.alpha = float(agg.get("seg_alpha", agg.get("alpha", self.aggregator.seg_vlad.alpha)))
         pca = ckpt.get("pca")
         self.pca = None if pca is None else PCAWhitening.from_state(
             {k: (v.numpy() if k != "eps" else float(v.reshape(-1)[0])) for k, v in pca.items()})
