@@ -4,6 +4,7 @@ build-map   images (EXIF GPS | CSV | frame index) -> map directory
 localize    offline batch localisation of an image folder against a map -> CSV / JSON
 evaluate    recall@N, errors, baselines and plots for a scenario or two image sets
 demo        every real-data scenario, then the results table
+train       guided NetVLAD + attention: triplet loss, hard negatives, cached features (CPU)
 make-bag    images (+ GPS / positions) -> rosbag2 (sqlite3 or MCAP) at a fixed rate
 replay      publish a rosbag2 with its original timing (real ROS 2, rclpy)
 run         start the ROS 2 nodes of a parameter YAML in one process
@@ -114,6 +115,7 @@ def _scenario_encoder_base(scenario, shared: str) -> Dict:
     from .scenarios import SEGMENTATION_BACKEND, SEGMENTATION_WEIGHTS, VGG16_WEIGHTS
 
     return {"weights": os.path.join(shared, VGG16_WEIGHTS), "image_size": list(scenario.image_size),
+            "segmentation_size": list(scenario.segmentation_size),
             "segmentation": SEGMENTATION_BACKEND, "segmentation_weights": os.path.join(shared, SEGMENTATION_WEIGHTS)}
 
 
@@ -188,6 +190,37 @@ def _cmd_demo(args) -> int:
               f"error mean {m['mean_error_m']:.1f} m, median {m['median_error_m']:.1f} m; "
               f"within 3 m {m['within_3m']}/{m['queries']}, within 25 m {m['within_25m']}/{m['queries']}; "
               f"metrics in {os.path.join(out, 'ros_demo.json')}")
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from .encoder import Encoder
+    from .scenarios import get_training_set
+    from .train import TrainConfig, train_encoder
+
+    ts = get_training_set(args.training_set)
+    base = {"weights": os.path.join(args.shared, "weights", "vgg16_features_imagenet_caffe_bgr.pth"),
+            "image_size": list(ts.image_size), "segmentation_size": list(ts.segmentation_size),
+            "segmentation": "espnetv2",
+            "segmentation_weights": os.path.join(args.shared, "weights", "espnetv2_s_2.0_city_1024x512.pth")}
+    cfg = encoder_config_from_args(args, base)
+    if not cfg.guided:
+        raise SystemExit("train needs at least one of --static-mask, --seg-stream, --attention")
+    datasets = os.path.join(args.shared, "datasets")
+    traversals = [spec.load(datasets) for spec in ts.traversals]
+    tcfg = TrainConfig(epochs=args.epochs, lr=args.lr, attention_lr=args.attention_lr, negatives=args.negatives,
+                       d_pos=ts.d_pos if args.d_pos is None else args.d_pos,
+                       d_neg=ts.d_neg if args.d_neg is None else args.d_neg,
+                       val_fraction=args.val_fraction, night_augmentation=not args.no_night, seed=args.seed)
+    LOG.info("training set %s: %s", ts.name, ts.description)
+    rep = train_encoder(Encoder(cfg), traversals, ts.gt, tcfg, args.out)
+    for e in rep.epochs:
+        loss = "-" if e["loss"] is None else f"{e['loss']:.4f}"
+        print(f"epoch {e['epoch']:2d}: loss {loss:>7} triplets {e['triplets']:5d}  validation recall@1 "
+              f"{e['val_recall@1']:.3f} ({e['val_hits']}/{e['val_queries']})")
+    print(f"kept epoch {rep.best_epoch}; {rep.train_items} training / {rep.val_items} validation images; "
+          f"features cached in {rep.cache_seconds:.0f} s, trained in {rep.train_seconds:.0f} s; wrote {args.out} "
+          f"(+ .json, .png)")
     return 0
 
 
@@ -322,6 +355,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bag replay speed for the ROS part (slow enough for the encoder on this machine)")
     add_encoder_args(d)
     d.set_defaults(func=_cmd_demo)
+
+    from .scenarios import TRAINING_SETS
+
+    t = sub.add_parser("train", help="train the guided NetVLAD + attention (triplet loss, hard negatives) "
+                                     "on cached backbone features")
+    t.add_argument("--training-set", default="nordland_train", choices=list(TRAINING_SETS))
+    t.add_argument("--shared", default=default_shared_dir())
+    t.add_argument("--out", required=True, help="checkpoint file to write (.pt)")
+    t.add_argument("--epochs", type=int, default=8)
+    t.add_argument("--lr", type=float, default=1e-4, help="NetVLAD learning rate (Adam)")
+    t.add_argument("--attention-lr", type=float, default=1e-2, help="attention learning rate (Adam)")
+    t.add_argument("--negatives", type=int, default=10, help="hardest negatives per query")
+    t.add_argument("--d-pos", type=float, help="positive radius (frame steps or metres; default: the set's)")
+    t.add_argument("--d-neg", type=float, help="negative radius (frame steps or metres; default: the set's)")
+    t.add_argument("--val-fraction", type=float, default=0.15, help="route fraction held out for validation")
+    t.add_argument("--no-night", action="store_true", help="no simulated-night augmentation")
+    t.add_argument("--seed", type=int, default=0)
+    add_encoder_args(t)
+    t.set_defaults(func=_cmd_train)
 
     mb = sub.add_parser("make-bag", help="pack images and their GPS/positions into a rosbag2")
     mb.add_argument("--images", required=True, help="image folder")

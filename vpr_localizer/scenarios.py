@@ -31,6 +31,8 @@ class ImageSetSpec:
     parity: str = "all"
     sequence: Tuple[str, ...] = ()
     condition: Tuple[str, ...] = ()
+    index_range: Optional[Tuple[int, int]] = None
+    index_step: int = 1
 
     def load(self, datasets_dir: str) -> List[ImageRecord]:
         folder = os.path.join(datasets_dir, self.folder)
@@ -41,6 +43,9 @@ class ImageSetSpec:
             recs = select(recs, self.parity, self.condition or None, self.sequence or None)
         else:
             recs = load_records(folder, None, self.gps, self.parity, self.condition or None)
+        if self.index_range is not None:  # a part of the route: positions in frame order
+            recs = sorted(recs, key=lambda r: (r.frame is None, r.frame, r.name))
+            recs = recs[self.index_range[0]:self.index_range[1]:self.index_step]
         if not recs:
             raise DatasetError(f"scenario image set {self} is empty")
         return recs
@@ -56,8 +61,13 @@ class Scenario:
     queries: ImageSetSpec
     gt: GroundTruth
     image_size: Tuple[int, int]
+    segmentation_size: Tuple[int, int] = (512, 256)
 
 
+#: Nordland route positions (0-based, frame order) for training and for the held-out evaluation:
+#: disjoint, with 1000 positions between them.
+NORDLAND_TRAIN = (0, 1600)
+NORDLAND_HELDOUT = (2600, 3576)
 _GP = "gardens_point_mini"
 _GP_CSV = "gardens_point_mini/manifest.csv"
 
@@ -88,6 +98,12 @@ SCENARIOS: Dict[str, Scenario] = {s.name: s for s in [
              ImageSetSpec("nordland_thumbs/summer", gps="none"),
              ImageSetSpec("nordland_thumbs/winter", gps="none"),
              GroundTruth("frame", frame_tolerance=1), (128, 64)),
+    Scenario("nordland_heldout_winter_vs_summer",
+             "Nordland, held-out part of the route (positions 2600-3575, never used by training): "
+             "976 winter frames against the 976 summer frames, +-1 frame; 128x64",
+             ImageSetSpec("nordland_thumbs/summer", gps="none", index_range=NORDLAND_HELDOUT),
+             ImageSetSpec("nordland_thumbs/winter", gps="none", index_range=NORDLAND_HELDOUT),
+             GroundTruth("frame", frame_tolerance=1), (128, 64), segmentation_size=(256, 128)),
     Scenario("lund_odd_vs_even",
              "Lund: even frames (EXIF GPS) as the map, odd frames as queries; error in metres",
              ImageSetSpec("lund_gps", gps="exif", parity="even"),
@@ -105,3 +121,38 @@ def get_scenario(name: str) -> Scenario:
     if name not in SCENARIOS:
         raise DatasetError(f"unknown scenario {name!r}; known: {', '.join(SCENARIOS)}")
     return SCENARIOS[name]
+
+
+@dataclass(frozen=True)
+class TrainingSet:
+    """Traversals of one route for ``vpr-localizer train`` (the first is the reference)."""
+
+    name: str
+    description: str
+    traversals: Tuple[ImageSetSpec, ...]
+    gt: str
+    image_size: Tuple[int, int]
+    segmentation_size: Tuple[int, int]
+    d_pos: float
+    d_neg: float
+
+
+TRAINING_SETS: Dict[str, TrainingSet] = {t.name: t for t in [
+    TrainingSet("nordland_train",
+                "Nordland summer + winter, route positions 0-1599 (every 2nd), disjoint from "
+                "nordland_heldout_winter_vs_summer; 128x64",
+                (ImageSetSpec("nordland_thumbs/summer", gps="none", index_range=NORDLAND_TRAIN, index_step=2),
+                 ImageSetSpec("nordland_thumbs/winter", gps="none", index_range=NORDLAND_TRAIN, index_step=2)),
+                "frame", (128, 64), (256, 128), d_pos=1.0, d_neg=10.0),
+]}
+
+
+def get_training_set(name: str) -> TrainingSet:
+    """Look up a training set by name.
+
+    Raises:
+        DatasetError: unknown name (the message lists the known ones).
+    """
+    if name not in TRAINING_SETS:
+        raise DatasetError(f"unknown training set {name!r}; known: {', '.join(TRAINING_SETS)}")
+    return TRAINING_SETS[name]
