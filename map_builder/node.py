@@ -399,6 +399,10 @@ class MapBuilderNode(Node):
             cfg = EncoderConfig.from_dict(section)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"encoder parameters: {exc}") from exc
+        if cfg.guided:
+            raise ConfigError("live map_builder runs plain NetVLAD / GeM / GAP encoders; build a "
+                              "segmentation-guided map (static_mask, seg_stream, attention) offline with "
+                              "vpr-localizer build-map")
         if cfg.backbone == "vgg16" and not cfg.weights:
             raise WeightsError("encoder.weights is required for the vgg16 backbone "
                                "(e.g. ../shared/weights/vgg16_features_imagenet_caffe_bgr.pth)")

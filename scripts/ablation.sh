@@ -17,10 +17,10 @@ mkdir -p "$OUT"
 run netvlad
 run static_mask --static-mask
 run seg_stream --static-mask --seg-stream
-vpr-localizer train --shared "$SHARED" --device "$DEVICE" --out "$OUT/train/seg_att.pt" \
+vpr-localizer train --shared "$SHARED" --device "$DEVICE" --out "$OUT/train/seg_att.pt" --epochs 4 \
     --static-mask --seg-stream --attention | tee "$OUT/train_seg_att.log"
 run seg_att_trained --static-mask --seg-stream --attention --checkpoint "$OUT/train/seg_att.pt"
-vpr-localizer train --shared "$SHARED" --device "$DEVICE" --out "$OUT/train/att.pt" --attention \
+vpr-localizer train --shared "$SHARED" --device "$DEVICE" --out "$OUT/train/att.pt" --epochs 4 --attention \
     | tee "$OUT/train_att.log"
 run att_trained --attention --checkpoint "$OUT/train/att.pt"
 python -m vpr_localizer.report \
