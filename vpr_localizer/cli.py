@@ -20,6 +20,8 @@ import os
 import sys
 from typing import Dict, List, Optional
 
+from .errors import ConfigError
+
 LOG = logging.getLogger("vpr_localizer")
 
 
@@ -147,7 +149,7 @@ def _cmd_evaluate(args) -> int:
         _run_scenario(args.scenario, args)
         return 0
     if not (args.map_images and args.query_images):
-        raise SystemExit("evaluate needs --scenario NAME, or --map-images and --query-images")
+        raise ConfigError("evaluate needs --scenario NAME, or --map-images and --query-images")
     cfg = encoder_config_from_args(args)
     gt = GroundTruth(args.gt, thresholds_m=tuple(args.thresholds), frame_tolerance=args.frame_tolerance)
     mrec = load_records(args.map_images, args.map_csv, "auto", args.map_select, args.map_condition)
@@ -205,7 +207,7 @@ def _cmd_train(args) -> int:
             "segmentation_weights": os.path.join(args.shared, "weights", "espnetv2_s_2.0_city_1024x512.pth")}
     cfg = encoder_config_from_args(args, base)
     if not cfg.guided:
-        raise SystemExit("train needs at least one of --static-mask, --seg-stream, --attention")
+        raise ConfigError("train needs at least one of --static-mask, --seg-stream, --attention")
     datasets = os.path.join(args.shared, "datasets")
     traversals = [spec.load(datasets) for spec in ts.traversals]
     tcfg = TrainConfig(epochs=args.epochs, lr=args.lr, attention_lr=args.attention_lr, negatives=args.negatives,

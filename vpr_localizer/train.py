@@ -115,7 +115,7 @@ def _positions(traversals: Sequence[Sequence[ImageRecord]], gt: str) -> List[np.
         frames = [r.frame for t in traversals for r in t]
         if any(f is None for f in frames):
             raise DatasetError("frame ground truth needs a frame index for every training image")
-        step = float(frame_step(sorted({int(f) for f in frames})))
+        step = float(frame_step(sorted({int(r.frame) for r in traversals[0]})))  # the reference's spacing
         return [np.array([[r.frame / step] for r in t], np.float64) for t in traversals]
     if gt == "position":
         out = []
@@ -153,7 +153,8 @@ def split_by_place(traversals: Sequence[Sequence[ImageRecord]], gt: str, cfg: Tr
             for night in copies:
                 item = _Item(rec, len(traversals) if night else t, night, pos[t][i], a)
                 if a >= cut:
-                    val.append(item)
+                    if not night:  # validation asks real traversals against the reference only
+                        val.append(item)
                 elif a < cut - gap:
                     train.append(item)
     if not train or not val:
@@ -278,6 +279,9 @@ def train_encoder(encoder: Encoder, traversals: Sequence[Sequence[ImageRecord]],
     """
     if not isinstance(encoder.aggregator, GuidedNetVLAD):
         raise ValueError("training needs a guided NetVLAD encoder (static_mask, seg_stream and/or attention)")
+    if encoder.pca is not None:
+        LOG.info("training drops the encoder's PCA (it belongs to the old NetVLAD parameters); maps fit a new one")
+        encoder.pca = None
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     train_items, val_items = split_by_place(traversals, gt, cfg)
