@@ -227,9 +227,19 @@ def test_fingerprint_mismatch_other_image_size(vmap, vgg_path):
     msg = str(ei.value)
     assert "image_size: map [128, 96] vs encoder [160, 120]" in msg
     assert "num_clusters" not in msg and "weights_sha256" not in msg
-    # the map's own aggregator cannot be loaded into an encoder of another input size either
+    # The map's aggregator has no PCA, i.e. only resolution-independent NetVLAD parameters: it
+    # loads at another input size (as a trained checkpoint does), but the result is still not the
+    # map's encoder.
+    assert vmap.encoder_checkpoint["pca"] is None
+    other.load_checkpoint_state(vmap.encoder_checkpoint)
+    with pytest.raises(FingerprintMismatchError, match="image_size"):
+        vmap.check_fingerprint(other.fingerprint())
+    # A checkpoint with PCA (fitted on descriptors of one input size) does not load at another.
+    from vpr_localizer.pca import PCAWhitening
+
+    other.pca = PCAWhitening.fit(np.random.default_rng(0).standard_normal((12, other.raw_dim)).astype(np.float32), 4)
     with pytest.raises(WeightsError, match="image_size"):
-        other.load_checkpoint_state(vmap.encoder_checkpoint)
+        Encoder(small_config(vgg_path)).load_checkpoint_state(other.checkpoint_state())
 
 
 @pytest.fixture
