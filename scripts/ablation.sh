@@ -20,13 +20,9 @@ run seg_stream --static-mask --seg-stream
 vpr-localizer train --shared "$SHARED" --device "$DEVICE" --out "$OUT/train/seg_att.pt" --epochs 4 \
     --static-mask --seg-stream --attention | tee "$OUT/train_seg_att.log"
 run seg_att_trained --static-mask --seg-stream --attention --checkpoint "$OUT/train/seg_att.pt"
-vpr-localizer train --shared "$SHARED" --device "$DEVICE" --out "$OUT/train/att.pt" --epochs 4 --attention \
-    | tee "$OUT/train_att.log"
-run att_trained --attention --checkpoint "$OUT/train/att.pt"
 python -m vpr_localizer.report \
     "NetVLAD (ImageNet + k-means, untrained)=$OUT/netvlad/summary.json" \
     "+ static mask=$OUT/static_mask/summary.json" \
     "+ segmentation stream=$OUT/seg_stream/summary.json" \
     "+ segmentation + attention (trained)=$OUT/seg_att_trained/summary.json" \
-    "(control) NetVLAD + attention, trained, no segmentation=$OUT/att_trained/summary.json" \
     | tee "$OUT/ablation.md"
