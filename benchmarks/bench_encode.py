@@ -14,12 +14,8 @@ Writes JSON (default ``results/bench_encode.json``) and prints a table.
 from __future__ import annotations
 
 import argparse
-import datetime
 import glob
-import json
 import os
-import platform
-import resource
 import sys
 import time
 
@@ -28,15 +24,11 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from benchmarks.bench_common import peak_rss_mb, write_results  # noqa: E402
 from vpr_localizer.aggregation import GeM, GlobalAvgPool, NetVLAD  # noqa: E402
 from vpr_localizer.backbones import build_backbone  # noqa: E402
 from vpr_localizer.encoder import resolve_device  # noqa: E402
 from vpr_localizer.images import load_image, resize_image  # noqa: E402
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, MiB (Linux ru_maxrss is in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def timed(fn, repeats: int, device) -> float:
@@ -102,14 +94,7 @@ def main() -> int:
                   f"NetVLAD +{row['NetVLAD_ms_per_image']:6.2f} ms ({row['NetVLAD_ratio_to_backbone']:.3f}x)  "
                   f"GeM +{row['GeM_ms_per_image']:5.2f}  GAP +{row['GAP_ms_per_image']:5.2f}  "
                   f"peak RSS {row['peak_rss_mb']:.0f} MiB", flush=True)
-    out = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
-           "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
-           "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-           "rows": rows}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=2)
-    print(f"wrote {args.out}")
+    write_results(args.out, rows, device)
     return 0
 
 

@@ -16,12 +16,8 @@ Writes JSON (default ``results/bench_guided.json``) and prints a table.
 from __future__ import annotations
 
 import argparse
-import datetime
 import glob
-import json
 import os
-import platform
-import resource
 import sys
 import time
 
@@ -30,6 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from benchmarks.bench_common import peak_rss_mb, write_results  # noqa: E402
 from vpr_localizer.encoder import Encoder, EncoderConfig  # noqa: E402
 from vpr_localizer.images import load_image  # noqa: E402
 
@@ -88,17 +85,11 @@ def main() -> int:
             ms = 1000 * float(np.median(times[name]))
             row = {"config": name, "input_wh": list(wh), "device": str(enc.device), "ms_per_image": ms,
                    "ratio_to_netvlad": ms / (1000 * base), "descriptor_dim": enc.dim,
-                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+                   "peak_rss_mb": peak_rss_mb()}
             rows.append(row)
             print(f"{wh[0]:4d}x{wh[1]:<4d} {name:24s} {ms:8.1f} ms/img  {row['ratio_to_netvlad']:5.2f}x  "
                   f"{row['descriptor_dim']:6d}-D", flush=True)
-    out = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
-           "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
-           "repeats": args.repeats, "rows": rows}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=2)
-    print(f"wrote {args.out}")
+    write_results(args.out, rows, encoders["NetVLAD"].device, repeats=args.repeats)
     return 0
 
 
