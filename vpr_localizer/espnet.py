@@ -46,7 +46,7 @@ from torch import nn
 
 from .encoder import resolve_device
 from .errors import WeightsError
-from .files import load_state_dict_file, sha256_file
+from .files import check_strict_state_dict, load_state_dict_file, sha256_file
 from .semantics import check_rgb
 
 #: Number of network outputs: 19 Cityscapes trainIds + 19 = background/ignore.
@@ -287,30 +287,22 @@ class ESPNetSegmentation(nn.Module):
 
 def _check_keys(model: nn.Module, sd: Dict[str, torch.Tensor], path: str, what: str) -> None:
     """Strict name and shape check with a readable :class:`WeightsError` (every parameter and
-    running statistic must be present with its shape, nothing extra)."""
+    running statistic must be present with its shape, nothing extra), with a hint when the file
+    is the other ESPNet variant (with / without decoder)."""
     expected = model.state_dict()
+    model_has_decoder = any(k.startswith("encoder.") for k in expected)
+
+    def hint(unexpected):
+        if not model_has_decoder and any(k.startswith("encoder.") for k in unexpected):
+            return "; this looks like an ESPNet (with decoder) checkpoint: use decoder=True"
+        if model_has_decoder and unexpected and all("encoder." + k in expected for k in unexpected):
+            return "; this looks like an encoder-only ESPNet-C checkpoint: use decoder=False"
+        return ""
+
     # BatchNorm's num_batches_tracked is a training counter that old checkpoints (PyTorch < 0.4,
     # like the authors') do not have; BatchNorm fills it in itself when it is absent.
-    missing = [k for k in expected if k not in sd and not k.endswith(".num_batches_tracked")]
-    unexpected = [k for k in sd if k not in expected]
-    wrong = [f"{k} {tuple(sd[k].shape)} (expected {tuple(v.shape)})"
-             for k, v in expected.items() if k in sd and sd[k].shape != v.shape]
-    if not (missing or unexpected or wrong):
-        return
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
-    if wrong:
-        parts.append(f"{len(wrong)} of wrong shape (e.g. {', '.join(wrong[:3])})")
-    hint = ""
-    model_has_decoder = any(k.startswith("encoder.") for k in expected)
-    if not model_has_decoder and any(k.startswith("encoder.") for k in unexpected):
-        hint = "; this looks like an ESPNet (with decoder) checkpoint: use decoder=True"
-    elif model_has_decoder and unexpected and all("encoder." + k in expected for k in unexpected):
-        hint = "; this looks like an encoder-only ESPNet-C checkpoint: use decoder=False"
-    raise WeightsError(f"{path}: does not match {what}: " + "; ".join(parts) + hint)
+    check_strict_state_dict(expected, sd, path, f"does not match {what}",
+                            optional=lambda k: k.endswith(".num_batches_tracked"), hint=hint)
 
 
 def load_espnet(path: str | os.PathLike, decoder: bool = True, device: str | torch.device = "cpu",

@@ -46,7 +46,7 @@ from torch import nn
 
 from .encoder import resolve_device
 from .errors import WeightsError
-from .files import load_state_dict_file
+from .files import check_strict_state_dict, load_state_dict_file
 from .semantics import backend_input_size, check_rgb
 
 #: Number of network outputs (19 Cityscapes train classes + background/ignore).
@@ -359,20 +359,7 @@ class ESPNetv2Segmentation(nn.Module):
 
 def check_state_dict(model: nn.Module, sd: Dict[str, torch.Tensor], path: str) -> None:
     """Raise :class:`WeightsError` naming ``path`` unless ``sd`` has exactly ``model``'s keys and shapes."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    wrong = [f"{k}: file {tuple(sd[k].shape)} != model {tuple(v.shape)}"
-             for k, v in expected.items() if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
-        if wrong:
-            parts.append(f"{len(wrong)} with the wrong shape (e.g. {wrong[:3]})")
-        raise WeightsError(f"{path}: not an ESPNetv2 s=2.0 Cityscapes (20-class) state dict: " + "; ".join(parts))
+    check_strict_state_dict(model.state_dict(), sd, path, "not an ESPNetv2 s=2.0 Cityscapes (20-class) state dict")
 
 
 def load_espnetv2(path: str | os.PathLike, device: str | torch.device = "cpu") -> ESPNetv2Segmentation:

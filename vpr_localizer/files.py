@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Dict
+from typing import Callable, Dict, List, Optional
 
 from .errors import WeightsError
 
@@ -49,3 +49,38 @@ def load_state_dict_file(path: str, label: str, strip_module_prefix: bool = Fals
     if strip_module_prefix and all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
     return sd
+
+
+def check_strict_state_dict(expected: Dict, sd: Dict, path: str, what: str,
+                            optional: Optional[Callable[[str], bool]] = None,
+                            hint: Optional[Callable[[List[str]], str]] = None) -> None:
+    """Strict tensor-name and shape check of a loaded state dict, with one readable error.
+
+    Args:
+        expected: the model's ``state_dict()``.
+        sd: the loaded state dict.
+        path: the weight file (named in the message).
+        what: message text after the path, e.g. ``"not an ESPNetv2 ... state dict"``.
+        optional: keys of ``expected`` that may be absent (e.g. BatchNorm's
+            ``num_batches_tracked``); None = none.
+        hint: ``hint(unexpected_keys) -> str`` appended to the message (e.g. "use decoder=True").
+
+    Raises:
+        WeightsError: ``"{path}: {what}: N missing (e.g. [...]); N unexpected (...); N with the
+            wrong shape (...)"`` unless every non-optional key is present with its shape and
+            nothing is extra.
+    """
+    missing = [k for k in expected if k not in sd and not (optional and optional(k))]
+    unexpected = [k for k in sd if k not in expected]
+    wrong = [f"{k}: file {tuple(sd[k].shape)} != model {tuple(v.shape)}"
+             for k, v in expected.items() if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
+    if not (missing or unexpected or wrong):
+        return
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+    if wrong:
+        parts.append(f"{len(wrong)} with the wrong shape (e.g. {wrong[:3]})")
+    raise WeightsError(f"{path}: {what}: " + "; ".join(parts) + (hint(unexpected) if hint else ""))

@@ -79,6 +79,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import WeightsError
+from .files import check_strict_state_dict
 from .semantics import backend_input_size, check_rgb
 from .encoder import resolve_device
 
@@ -713,21 +714,9 @@ def infer_config(sd: Dict[str, torch.Tensor]) -> Dict[str, object]:
 def check_state_dict(model: nn.Module, sd: Dict[str, torch.Tensor], path: str) -> None:
     """Raise :class:`WeightsError` naming ``path`` unless ``sd`` has exactly ``model``'s keys
     and shapes (``*.num_batches_tracked``, ``pixel_mean`` and ``pixel_std`` may be absent)."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in sd and not _is_optional(k)]
-    unexpected = [k for k in sd if k not in expected]
-    wrong = [f"{k}: file {tuple(sd[k].shape)} != model {tuple(v.shape)}"
-             for k, v in expected.items() if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
-        if wrong:
-            parts.append(f"{len(wrong)} with the wrong shape (e.g. {wrong[:3]})")
-        cfg = getattr(model, "config", {})
-        raise WeightsError(f"{path}: not a Panoptic-DeepLab state dict for {cfg}: " + "; ".join(parts))
+    cfg = getattr(model, "config", {})
+    check_strict_state_dict(model.state_dict(), sd, path, f"not a Panoptic-DeepLab state dict for {cfg}",
+                            optional=_is_optional)
 
 
 def load_panoptic_deeplab(path: str | os.PathLike, device: str | torch.device = "cpu", *,
