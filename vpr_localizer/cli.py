@@ -114,6 +114,8 @@ def _cmd_localize(args) -> int:
 
 
 def _scenario_encoder_base(scenario, shared: str) -> Dict:
+    """Encoder defaults of a scenario or training set: the shared VGG16 and ESPNetv2 weights, its
+    input and segmentation sizes."""
     from .scenarios import SEGMENTATION_BACKEND, SEGMENTATION_WEIGHTS, VGG16_WEIGHTS
 
     return {"weights": os.path.join(shared, VGG16_WEIGHTS), "image_size": list(scenario.image_size),
@@ -201,11 +203,7 @@ def _cmd_train(args) -> int:
     from .train import TrainConfig, train_encoder
 
     ts = get_training_set(args.training_set)
-    base = {"weights": os.path.join(args.shared, "weights", "vgg16_features_imagenet_caffe_bgr.pth"),
-            "image_size": list(ts.image_size), "segmentation_size": list(ts.segmentation_size),
-            "segmentation": "espnetv2",
-            "segmentation_weights": os.path.join(args.shared, "weights", "espnetv2_s_2.0_city_1024x512.pth")}
-    cfg = encoder_config_from_args(args, base)
+    cfg = encoder_config_from_args(args, _scenario_encoder_base(ts, args.shared))
     if not cfg.guided:
         raise ConfigError("train needs at least one of --static-mask, --seg-stream, --attention")
     datasets = os.path.join(args.shared, "datasets")
