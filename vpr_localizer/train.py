@@ -44,11 +44,10 @@ import torch
 from torch import nn
 
 from .augment import simulate_night
-from .encoder import Encoder
-from .errors import DatasetError, ImageLoadError
+from .encoder import Encoder, iter_image_batches
+from .errors import DatasetError
 from .evaluate import frame_step
 from .guided import GuidedNetVLAD, StreamFeatures
-from .images import load_image, resize_image
 from .records import ImageRecord
 
 LOG = logging.getLogger(__name__)
@@ -163,17 +162,13 @@ def split_by_place(traversals: Sequence[Sequence[ImageRecord]], gt: str, cfg: Tr
     return train, val
 
 
-def _load(item: _Item, size_wh: Tuple[int, int], seed: int) -> np.ndarray:
-    rgb = resize_image(load_image(item.record.path), size_wh)
-    if item.night:
-        rng = np.random.default_rng([seed, zlib.crc32(item.record.name.encode())])
-        rgb = simulate_night(rgb, rng)
-    return rgb
-
-
 def cache_features(encoder: Encoder, items: Sequence[_Item], seed: int, progress: Optional[str] = None
                    ) -> Tuple[StreamFeatures, List[int]]:
     """Backbone (and segmentation) features of the items, float16 on CPU.
+
+    Images are decoded and resized by :func:`~vpr_localizer.encoder.iter_image_batches`
+    (unreadable ones skipped with a warning); night items are then darkened by
+    :func:`simulate_night`, seeded by ``seed`` and the image name.
 
     Returns:
         (features with batch axis N_ok, indices of the items that could be read).
@@ -184,23 +179,19 @@ def cache_features(encoder: Encoder, items: Sequence[_Item], seed: int, progress
     parts: Dict[str, List[torch.Tensor]] = {"image": [], "seg": [], "static": []}
     ok: List[int] = []
     bar = tqdm(total=len(items), desc=progress, unit="img", disable=progress is None, leave=False)
-    for s in range(0, len(items), cfg.batch_size):
-        imgs, idx = [], []
-        for i in range(s, min(s + cfg.batch_size, len(items))):
-            try:
-                imgs.append(_load(items[i], cfg.image_size, seed))
-                idx.append(i)
-            except ImageLoadError as exc:
-                LOG.warning("training: skipping image: %s", exc)
-        bar.update(min(cfg.batch_size, len(items) - s))
-        if not imgs:
-            continue
-        f = encoder.stream_features(np.stack(imgs))
+    for idx, batch in iter_image_batches([it.record.path for it in items], cfg.image_size, cfg.batch_size,
+                                         on_skip=lambda p, r: bar.update(1)):
+        for j, i in enumerate(idx):
+            if items[i].night:
+                rng = np.random.default_rng([seed, zlib.crc32(items[i].record.name.encode())])
+                batch[j] = simulate_night(batch[j], rng)
+        f = encoder.stream_features(batch)
         for k in parts:
             t = getattr(f, k)
             if t is not None:
                 parts[k].append(t.to("cpu", torch.float16))
         ok.extend(idx)
+        bar.update(len(idx))
     bar.close()
     cat = {k: (torch.cat(v) if v else None) for k, v in parts.items()}
     return StreamFeatures(cat["image"], cat["seg"], cat["static"]), ok
