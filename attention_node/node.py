@@ -64,13 +64,12 @@ from rclpy.node import Node
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header
 
-from vpr_localizer import image_codec
 from vpr_localizer.errors import ImageLoadError, MapError
 from vpr_localizer.guided import StreamFeatures
 from vpr_localizer.images import resize_image
 from vpr_localizer.localize import encoder_for_map
 from vpr_localizer.map_store import VprMap
-from vpr_ros.convert import descriptor_to_msg, image_msg_to_rgb, rgb_to_image_msg
+from vpr_ros.convert import descriptor_to_msg, image_msg_to_rgb, msg_to_labels, rgb_to_image_msg
 from vpr_ros.diagnostics import OK, WARN, diagnostics_msg
 from vpr_ros.latest import LatestFrameWorker
 from vpr_ros.qos import reliable_qos, sensor_subscription
@@ -133,22 +132,6 @@ def weight_heatmap(map_hw: np.ndarray, size_wh: Tuple[int, int]) -> np.ndarray:
     up = np.asarray(PILImage.fromarray(gray, "L").resize((int(size_wh[0]), int(size_wh[1])),
                                                          PILImage.BILINEAR), dtype=np.uint8)
     return _JET[up]
-
-
-def labels_msg_to_array(msg: Image) -> np.ndarray:
-    """mono8 (or 8UC1) ``sensor_msgs/Image`` of trainIds -> ``uint8 (H, W)``.
-
-    Raises:
-        ImageLoadError: another encoding, or size not matching the data.
-    """
-    enc = str(msg.encoding).strip().lower()
-    if enc == "mono8":
-        rgb = image_msg_to_rgb(msg)
-    elif enc == "8uc1":  # same memory layout as mono8
-        rgb = image_codec.image_to_rgb("mono8", msg.height, msg.width, msg.step, msg.is_bigendian, msg.data)
-    else:
-        raise ImageLoadError(f"segmentation/labels must be mono8 (or 8UC1) trainIds, got encoding {msg.encoding!r}")
-    return np.ascontiguousarray(rgb[:, :, 0])
 
 
 def patch_descriptors(features: torch.Tensor) -> np.ndarray:
@@ -306,7 +289,7 @@ class AttentionNode(Node):
         if msg is None or not self.needs_labels:
             return None  # only synchronised and counted when the encoder does not use labels
         try:
-            return labels_msg_to_array(msg)
+            return msg_to_labels(msg)
         except (ImageLoadError, ValueError) as exc:
             self.bad_label_msgs += 1
             now = time.monotonic()

@@ -56,6 +56,20 @@ def labels_to_msg(labels: np.ndarray, header: Header) -> Image:
     return _fields_to_image(image_codec.labels_to_mono8_fields(labels), header)
 
 
+def msg_to_labels(msg: Image) -> np.ndarray:
+    """mono8 (or 8UC1) ``sensor_msgs/Image`` of trainIds -> ``uint8 (H, W)`` (inverse of :func:`labels_to_msg`).
+
+    Raises:
+        ImageLoadError: another encoding, or size not matching the data.
+    """
+    enc = str(msg.encoding).strip().lower()
+    if enc not in ("mono8", "8uc1"):
+        raise ImageLoadError(f"segmentation/labels must be mono8 (or 8UC1) trainIds, got encoding {msg.encoding!r}")
+    # 8UC1 has mono8's memory layout
+    rgb = image_codec.image_to_rgb("mono8", msg.height, msg.width, msg.step, msg.is_bigendian, msg.data)
+    return np.ascontiguousarray(rgb[:, :, 0])
+
+
 def descriptor_to_msg(desc: np.ndarray, header: Header) -> Image:
     """``float32 (1, D)`` (or ``(N, d)`` patch descriptors) -> 32FC1 ``sensor_msgs/Image``."""
     return _fields_to_image(image_codec.descriptor_to_fields(desc), header)
