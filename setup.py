@@ -1,14 +1,14 @@
 """ament_python package vpr_localizer; also installs with plain ``pip install -e .``."""
 from glob import glob
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 PACKAGE = "vpr_localizer"
 
 setup(
     name=PACKAGE,
     version="0.1.0",
-    packages=[PACKAGE, "vpr_ros", "map_builder", "segmentation_node", "attention_node", "localizer_node"],
+    packages=find_packages(include=[PACKAGE, f"{PACKAGE}.*", "vpr_ros", "map_builder", "segmentation_node", "attention_node", "localizer_node"]),
     data_files=[
         ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
         (f"share/{PACKAGE}", ["package.xml"]),
@@ -38,7 +38,7 @@ setup(
     license="Apache-2.0",
     entry_points={
         "console_scripts": [
-            "vpr-localizer = vpr_localizer.cli:main",
+            "vpr-localizer = vpr_localizer.cli.main:main",
             "segmentation_node = segmentation_node.node:main",
             "attention_node = attention_node.node:main",
             "vpr_localizer_node = localizer_node.node:main",

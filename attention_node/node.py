@@ -1,7 +1,7 @@
 """``attention_node``: camera image (+ segmentation labels) -> global descriptor for the map.
 
 The encoder is rebuilt from the map (:func:`encoder_for_map`), including its segmentation /
-attention guidance (:mod:`vpr_localizer.guided`: static-structure mask, segmentation stream,
+attention guidance (:mod:`vpr_localizer.models.guided`: static-structure mask, segmentation stream,
 learned spatial attention), so every descriptor equals what the offline
 :meth:`Encoder.encode_images` gives for the same image (and the same labels).
 
@@ -65,10 +65,10 @@ from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header
 
 from vpr_localizer.errors import ImageLoadError, MapError
-from vpr_localizer.guided import StreamFeatures
-from vpr_localizer.images import resize_image
-from vpr_localizer.localize import encoder_for_map
-from vpr_localizer.map_store import VprMap
+from vpr_localizer.models.guided import StreamFeatures
+from vpr_localizer.io.image_files import resize_image
+from vpr_localizer.localization.localize import encoder_for_map
+from vpr_localizer.mapping.store import VprMap
 from vpr_ros.convert import descriptor_to_msg, image_msg_to_rgb, msg_to_labels, rgb_to_image_msg
 from vpr_ros.diagnostics import OK, WARN, diagnostics_msg
 from vpr_ros.latest import LatestFrameWorker
@@ -355,8 +355,8 @@ class AttentionNode(Node):
 
 def main(argv=None) -> int:
     """Console entry point ``attention_node`` (``attention_node --ros-args --params-file F -r image:=/cam``):
-    see :func:`vpr_ros.graph.spin_single_node` (fatal start-up error: one log line, status 2)."""
-    from vpr_ros.graph import spin_single_node
+    see :func:`vpr_ros.spin.spin_single_node` (fatal start-up error: one log line, status 2)."""
+    from vpr_ros.spin import spin_single_node
 
     return spin_single_node(AttentionNode, NODE_NAME, argv)
 

@@ -25,10 +25,10 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from benchmarks.bench_common import peak_rss_mb, write_results  # noqa: E402
-from vpr_localizer.aggregation import GeM, GlobalAvgPool, NetVLAD  # noqa: E402
-from vpr_localizer.backbones import build_backbone  # noqa: E402
-from vpr_localizer.encoder import resolve_device  # noqa: E402
-from vpr_localizer.images import load_image, resize_image  # noqa: E402
+from vpr_localizer.models.aggregation import GeM, GlobalAvgPool, NetVLAD  # noqa: E402
+from vpr_localizer.models.backbones import build_backbone  # noqa: E402
+from vpr_localizer.device import resolve_device  # noqa: E402
+from vpr_localizer.io.image_files import load_image, resize_image  # noqa: E402
 
 
 def timed(fn, repeats: int, device) -> float:

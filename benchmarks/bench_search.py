@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark of the map's FAISS index kinds (``vpr_localizer.index``): flat vs ivfpq vs hnsw.
+"""Benchmark of the map's FAISS index kinds (``vpr_localizer.mapping.index``): flat vs ivfpq vs hnsw.
 
 Not a test.  For every map size N and index kind it reports
 
@@ -112,7 +112,7 @@ def _rss_bytes() -> int:
 def _run_case(spec: dict) -> dict:
     import faiss
 
-    from vpr_localizer import index as vindex
+    from vpr_localizer.mapping import index as vindex
 
     faiss.omp_set_num_threads(spec["threads"])
     base_rss = _rss_bytes()
@@ -254,7 +254,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = p.parse_args(argv)
     a.sizes = [int(s) for s in a.sizes.split(",") if s.strip()]
     a.kinds = [k.strip() for k in a.kinds.split(",") if k.strip()]
-    from vpr_localizer.index import INDEX_KINDS
+    from vpr_localizer.mapping.index import INDEX_KINDS
     bad = [k for k in a.kinds if k not in INDEX_KINDS]
     if bad or not a.kinds:
         p.error(f"--kinds must be a subset of {','.join(INDEX_KINDS)}, got {bad or 'nothing'}")
@@ -342,7 +342,7 @@ def main(argv=None) -> int:
         "machine": info,
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "workdir")},
         "definitions": {
-            "build_s": "wall seconds of vpr_localizer.index.build_index (train + add)",
+            "build_s": "wall seconds of vpr_localizer.mapping.index.build_index (train + add)",
             "batch_ms_per_query": f"wall ms of one search() call over all queries (k={K}) / number of queries",
             "single_ms_median": "median wall ms of search() with one query (k=10), --threads OpenMP threads",
             "single_ms_median_1thread": "the same with faiss.omp_set_num_threads(1)",

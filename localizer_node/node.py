@@ -10,7 +10,7 @@ Publishes:
     ``vpr/matches`` (visualization_msgs/MarkerArray: top-k keyframes, line to the best),
     ``diagnostics`` (diagnostic_msgs/DiagnosticArray: per-stage latency, map size, best score).
 Parameters (``config/*.yaml``): ``map_path``, ``frame_id``, ``localizer.*``
-(:class:`vpr_localizer.localize.LocalizerConfig`), ``loop_closure.score_threshold``,
+(:class:`vpr_localizer.localization.localize.LocalizerConfig`), ``loop_closure.score_threshold``,
 ``faiss_threads``, ``publish_tf`` (broadcast ``map`` -> ``tf_child_frame`` at the estimate; only
 where ``tf2_ros`` is importable, i.e. on a real ROS 2 install).
 
@@ -31,8 +31,8 @@ from std_msgs.msg import ColorRGBA, Float64MultiArray, Header
 from visualization_msgs.msg import Marker, MarkerArray
 
 from vpr_localizer.errors import MapError
-from vpr_localizer.localize import Localizer, LocalizerConfig
-from vpr_localizer.map_store import VprMap
+from vpr_localizer.localization.localize import Localizer, LocalizerConfig
+from vpr_localizer.mapping.store import VprMap
 from vpr_ros.convert import msg_to_descriptor, stamp_to_sec
 from vpr_ros.diagnostics import OK, WARN, diagnostics_msg
 from vpr_ros.latest import LatestFrameWorker
@@ -197,8 +197,8 @@ class LocalizerNode(Node):
 
 
 def main(argv=None) -> int:
-    """Console entry point ``vpr_localizer_node``: see :func:`vpr_ros.graph.spin_single_node`."""
-    from vpr_ros.graph import spin_single_node
+    """Console entry point ``vpr_localizer_node``: see :func:`vpr_ros.spin.spin_single_node`."""
+    from vpr_ros.spin import spin_single_node
 
     return spin_single_node(LocalizerNode, "vpr_localizer", argv)
 

@@ -15,8 +15,8 @@ Publishes:
     dropped / bad frames, encode time, flushes).
 Writes:
     the map directory ``map_path`` (same format as ``vpr-localizer build-map``, so
-    :meth:`VprMap.load` and :func:`~vpr_localizer.localize.encoder_for_map` open it), atomically
-    (:func:`~vpr_localizer.map_store.write_map`), every ``flush_interval_s`` from a timer and in
+    :meth:`VprMap.load` and :func:`~vpr_localizer.localization.localize.encoder_for_map` open it), atomically
+    (:func:`~vpr_localizer.mapping.store.write_map`), every ``flush_interval_s`` from a timer and in
     :meth:`MapBuilderNode.flush` (which ``Graph.shutdown`` and :func:`main` call on shutdown).
 
 Keyframes
@@ -37,12 +37,12 @@ Keyframes
     (dropped frames are counted too), so it identifies the frame in the stream.
 
 Encoder
-    ``encoder.*`` parameters are the fields of :class:`~vpr_localizer.encoder.EncoderConfig`
+    ``encoder.*`` parameters are the fields of :class:`~vpr_localizer.models.encoder.EncoderConfig`
     (``encoder.weights`` is required for vgg16; ``encoder.checkpoint`` loads a trained
     aggregator, and its PCA when it has one). Without a checkpoint, NetVLAD is *bootstrapped*
     on the run itself: the backbone feature maps of the first ``bootstrap_keyframes`` keyframes
     are buffered (at most that many, a few hundred kB each at 160x120), local features are
-    sampled from them by the encoder's own :func:`~vpr_localizer.encoder.sample_feature_locations` (same per-image
+    sampled from them by the encoder's own :func:`~vpr_localizer.models.encoder.sample_feature_locations` (same per-image
     count and seeded RNG, so the result equals ``fit_aggregator`` on those images), k-means
     initialises NetVLAD, the buffered keyframes are aggregated and mapping goes on. Buffering
     feature maps instead of images keeps the per-frame cost flat: the bootstrap step itself
@@ -57,7 +57,7 @@ Encoder
     the whole run. A fixed, pre-trained PCA from a checkpoint is fine.
 
 Loop closures
-    :class:`~vpr_localizer.loop_closure.LoopClosureDetector` (``loop_min_age_s``,
+    :class:`~vpr_localizer.mapping.loop_closure.LoopClosureDetector` (``loop_min_age_s``,
     ``loop_score_threshold``, ``loop_top_k``) over the keyframe descriptors. Its in-memory
     ``faiss.IndexFlatIP`` *is* the map index (row i = keyframe i), so descriptors are held once.
     Candidates are also kept in ``self.loop_closures``.
@@ -89,12 +89,12 @@ from rclpy.node import Node
 from sensor_msgs.msg import CompressedImage, Image, NavSatFix, NavSatStatus
 from std_msgs.msg import Float64MultiArray
 
-from vpr_localizer.encoder import Encoder, EncoderConfig, sample_feature_locations
+from vpr_localizer.models.encoder import Encoder, EncoderConfig, sample_feature_locations
 from vpr_localizer.errors import ConfigError, MapError, VprError, WeightsError
 from vpr_localizer.geodesy import EnuDatum
-from vpr_localizer.images import resize_image
-from vpr_localizer.loop_closure import LoopCandidate, LoopClosureConfig, LoopClosureDetector
-from vpr_localizer.map_store import Keyframe, write_map
+from vpr_localizer.io.image_files import resize_image
+from vpr_localizer.mapping.loop_closure import LoopCandidate, LoopClosureConfig, LoopClosureDetector
+from vpr_localizer.mapping.store import Keyframe, write_map
 from vpr_ros.convert import image_msg_to_rgb, stamp_to_sec
 from vpr_ros.diagnostics import OK, WARN, diagnostics_msg
 from vpr_ros.latest import LatestFrameWorker
@@ -197,7 +197,7 @@ class NetVLADBootstrap:
     """Initialises an untrained NetVLAD encoder from the first keyframes of a live run.
 
     Args:
-        encoder: an :class:`~vpr_localizer.encoder.Encoder` with an untrained NetVLAD.
+        encoder: an :class:`~vpr_localizer.models.encoder.Encoder` with an untrained NetVLAD.
         num_keyframes: keyframes to buffer before k-means (>= 1).
 
     ``add(feature_maps, item)`` buffers one keyframe's ``(1, C, h, w)`` feature maps (kept on
@@ -285,8 +285,8 @@ class MapBuilderNode(Node):
     """The ``map_builder`` node (see module doc).
 
     Attributes of interest to tests and tools: ``keyframes`` (list of
-    :class:`~vpr_localizer.map_store.Keyframe`), ``loop_closures`` (list of
-    :class:`~vpr_localizer.loop_closure.LoopCandidate`), ``worker`` (its ``stats``),
+    :class:`~vpr_localizer.mapping.store.Keyframe`), ``loop_closures`` (list of
+    :class:`~vpr_localizer.mapping.loop_closure.LoopCandidate`), ``worker`` (its ``stats``),
     ``encoder``, ``datum``, ``flushes``.
     """
 
@@ -640,48 +640,15 @@ class MapBuilderNode(Node):
         return super().destroy_node()
 
 
-def main(args=None) -> int:
-    """Console entry point: run the node until Ctrl-C / SIGTERM, then flush the map.
+def main(argv=None) -> int:
+    """Console entry point ``map_builder_node``: run until Ctrl-C / SIGTERM, then flush the map
+    (:func:`vpr_ros.spin.spin_single_node`).
 
     Returns the exit status: 0, 1 when the final flush failed, 2 on a fatal configuration error.
     """
-    import signal
+    from vpr_ros.spin import spin_single_node
 
-    import rclpy
-    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
-    from rclpy.logging import get_logger
-    from rclpy.signals import SignalHandlerOptions
-
-    # our own Ctrl-C / SIGTERM handling: the context stays valid while the map is flushed
-    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
-
-    def _interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        node = MapBuilderNode()
-    except (VprError, ValueError) as exc:
-        get_logger("map_builder").fatal(f"cannot start: {exc}")
-        rclpy.try_shutdown()
-        return 2
-    executor = MultiThreadedExecutor(num_threads=4)
-    executor.add_node(node)
-    status = 0
-    try:
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        try:
-            node.flush()
-        except VprError as exc:
-            node.get_logger().error(f"final map flush failed: {exc}")
-            status = 1
-        node.destroy_node()
-        executor.shutdown(timeout_sec=2.0)
-        rclpy.try_shutdown()
-    return status
+    return spin_single_node(MapBuilderNode, "map_builder", argv, num_threads=4)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ run seg_stream --static-mask --seg-stream
 vpr-localizer train --shared "$SHARED" --device "$DEVICE" --out "$OUT/train/seg_att.pt" --epochs 4 \
     --static-mask --seg-stream --attention | tee "$OUT/train_seg_att.log"
 run seg_att_trained --static-mask --seg-stream --attention --checkpoint "$OUT/train/seg_att.pt"
-python -m vpr_localizer.report \
+python -m vpr_localizer.evaluation.report \
     "NetVLAD (ImageNet + k-means, untrained)=$OUT/netvlad/summary.json" \
     "+ static mask=$OUT/static_mask/summary.json" \
     "+ segmentation stream=$OUT/seg_stream/summary.json" \

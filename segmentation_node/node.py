@@ -32,7 +32,7 @@ from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.node import Node
 from sensor_msgs.msg import CompressedImage, Image
 
-from vpr_localizer.semantics import coarse_fractions, make_backend, overlay
+from vpr_localizer.segmentation.classes import coarse_fractions, make_backend, overlay
 from vpr_ros.convert import image_msg_to_rgb, labels_to_msg, rgb_to_image_msg
 from vpr_ros.diagnostics import OK, WARN, diagnostics_msg
 from vpr_ros.latest import LatestFrameWorker
@@ -116,8 +116,8 @@ class SegmentationNode(Node):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Console entry point ``segmentation_node``: see :func:`vpr_ros.graph.spin_single_node`."""
-    from vpr_ros.graph import spin_single_node
+    """Console entry point ``segmentation_node``: see :func:`vpr_ros.spin.spin_single_node`."""
+    from vpr_ros.spin import spin_single_node
 
     return spin_single_node(SegmentationNode, NODE_NAME, argv)
 

@@ -1,4 +1,4 @@
-"""Unit tests of vpr_localizer.attention (CPU, tiny tensors, no data files)."""
+"""Unit tests of vpr_localizer.models.attention (CPU, tiny tensors, no data files)."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from vpr_localizer.aggregation import GeM, GlobalAvgPool, NetVLAD
-from vpr_localizer.attention import DEFAULT_INIT_BIAS, SpatialAttention, weights_to_feature_map
-from vpr_localizer.semantics import static_weight
+from vpr_localizer.models.aggregation import GeM, GlobalAvgPool, NetVLAD
+from vpr_localizer.models.attention import DEFAULT_INIT_BIAS, SpatialAttention, weights_to_feature_map
+from vpr_localizer.segmentation.classes import static_weight
 
 
 def _set_conv(att: SpatialAttention, weight: np.ndarray, bias: float) -> None:

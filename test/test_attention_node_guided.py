@@ -43,13 +43,13 @@ def guided(datasets_dir, weights_dir, vgg_path, data_file, tmp_path_factory):
     """Guided map + a Lund query image that has sky/dynamic pixels + its ESPNetv2 labels."""
     import torch
 
-    from vpr_localizer.encoder import Encoder, EncoderConfig
-    from vpr_localizer.images import load_image, resize_image
-    from vpr_localizer.localize import encoder_for_map
-    from vpr_localizer.map_store import VprMap
-    from vpr_localizer.mapping import build_map
-    from vpr_localizer.records import load_records
-    from vpr_localizer.semantics import make_backend, static_weight
+    from vpr_localizer.models.encoder import Encoder, EncoderConfig
+    from vpr_localizer.io.image_files import load_image, resize_image
+    from vpr_localizer.localization.localize import encoder_for_map
+    from vpr_localizer.mapping.store import VprMap
+    from vpr_localizer.mapping.build import build_map
+    from vpr_localizer.io.records import load_records
+    from vpr_localizer.segmentation.classes import make_backend, static_weight
 
     seg_weights = data_file(weights_dir / ESPNETV2)
     images = datasets_dir / "lund_gps"
@@ -153,7 +153,7 @@ def test_weight_heatmap_is_the_static_mask(guided):
     import torch
 
     from attention_node.node import _JET, attention_heatmap, weight_heatmap
-    from vpr_localizer.images import resize_image
+    from vpr_localizer.io.image_files import resize_image
 
     enc, q = guided.encoder, guided.query
     feats = enc.stream_features(np.stack([resize_image(q.rgb, enc.config.image_size)]), [q.labels])
@@ -177,8 +177,8 @@ def test_weight_heatmap_is_the_static_mask(guided):
 @pytest.mark.integration
 def test_guided_node_uses_topic_labels(guided, ros_env, tmp_path, capfd):
     from attention_node.node import _JET, weight_heatmap
-    from vpr_localizer.images import resize_image
-    from vpr_localizer.semantics import IGNORE_ID
+    from vpr_localizer.io.image_files import resize_image
+    from vpr_localizer.segmentation.classes import IGNORE_ID
 
     q = guided.query
     g = _Graph(_params(guided, tmp_path / "params.yaml", use_labels=True, labels_wait_s=1.0))

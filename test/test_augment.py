@@ -1,11 +1,11 @@
-"""Unit tests of vpr_localizer.augment: photometric day-to-night simulation and day jitter."""
+"""Unit tests of vpr_localizer.training.augment: photometric day-to-night simulation and day jitter."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from vpr_localizer import augment as aug
+from vpr_localizer.training import augment as aug
 
 from conftest import require_file
 

@@ -1,4 +1,4 @@
-"""rosbag2 writing and reading with rosbags (vpr_localizer.bags) on the real lund_gps photos."""
+"""rosbag2 writing and reading with rosbags (vpr_localizer.io.bags) on the real lund_gps photos."""
 from __future__ import annotations
 
 import logging
@@ -9,11 +9,11 @@ import shutil
 import numpy as np
 import pytest
 
-from vpr_localizer import bags
+from vpr_localizer.io import bags
 from vpr_localizer.errors import DatasetError
-from vpr_localizer.image_codec import compressed_to_rgb, image_to_rgb
-from vpr_localizer.images import load_image, read_exif_gps
-from vpr_localizer.records import ImageRecord, load_records
+from vpr_localizer.io.image_msgs import compressed_to_rgb, image_to_rgb
+from vpr_localizer.io.image_files import load_image, read_exif_gps
+from vpr_localizer.io.records import ImageRecord, load_records
 
 RATE_HZ = 4.0
 START_S = 1_700_000_000.0
@@ -124,7 +124,7 @@ def test_navsatfix_equals_exif(lund_msgs, lund5):
 
 def test_skipped_image_logs_warning_naming_file(lund5, broken_jpg, tmp_path, caplog):
     recs = [lund5[0], ImageRecord(path=str(broken_jpg), name="broken.jpg", lat=55.7, lon=13.19)]
-    with caplog.at_level(logging.WARNING, logger="vpr_localizer.bags"):
+    with caplog.at_level(logging.WARNING, logger="vpr_localizer.io.bags"):
         summary = bags.make_bag(recs, str(tmp_path / "b"), progress=False, size_wh=(64, 48))
     assert any(str(broken_jpg) in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
     assert summary["messages"] == {"/camera/image_raw": 1, "/gps/fix": 1}

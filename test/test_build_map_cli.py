@@ -1,6 +1,6 @@
 """``vpr-localizer build-map`` and ``vpr-localizer localize`` on real lund_gps images.
 
-Builds run in-process through :func:`vpr_localizer.cli.main` (small inputs: VGG16 at 128x96,
+Builds run in-process through :func:`vpr_localizer.cli.main.main` (small inputs: VGG16 at 128x96,
 NetVLAD K=8); the error cases run the installed command as subprocesses, all started at once,
 to check the exit status and that stderr holds one error line and no traceback.
 """
@@ -23,9 +23,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from vpr_localizer.cli import main
-from vpr_localizer.images import read_exif_gps
-from vpr_localizer.map_store import VprMap
+from vpr_localizer.cli.main import main
+from vpr_localizer.io.image_files import read_exif_gps
+from vpr_localizer.mapping.store import VprMap
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ERROR_PREFIX = "vpr-localizer build-map: error:"
@@ -274,7 +274,7 @@ def test_select_even_with_exif(tmp_path, lund, enc_args, capsys):
 
 def cli_command():
     exe = Path(sys.executable).with_name("vpr-localizer")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "vpr_localizer.cli"]
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "vpr_localizer.cli.main"]
 
 
 ERROR_CASES = ("missing-folder", "empty-folder", "exif-without-gps", "missing-weights", "existing-map")

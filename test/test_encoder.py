@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from vpr_localizer.encoder import Encoder, EncoderConfig, load_checkpoint
+from vpr_localizer.models.encoder import Encoder, EncoderConfig, load_checkpoint
 from vpr_localizer.errors import ImageLoadError, WeightsError
-from vpr_localizer.images import load_image
+from vpr_localizer.io.image_files import load_image
 
 SIZE = (128, 96)
 
@@ -57,7 +57,7 @@ def test_checkpoint_round_trip(fitted, vgg_weights, lund_paths, tmp_path):
     path = str(tmp_path / "enc.pt")
     enc.save_checkpoint(path)
     ckpt = load_checkpoint(path)  # weights_only=True
-    assert ckpt["format"] == "vpr_localizer.encoder" and ckpt["fingerprint"] == enc.fingerprint()
+    assert ckpt["format"] == "vpr_localizer.models.encoder" and ckpt["fingerprint"] == enc.fingerprint()
     enc2 = Encoder(EncoderConfig(weights=vgg_weights, image_size=SIZE, num_clusters=8, device="cpu",
                                  checkpoint=path))
     assert enc2.fingerprint() == enc.fingerprint()

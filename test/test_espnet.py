@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from vpr_localizer.errors import WeightsError
-from vpr_localizer.espnet import (ESPNetBackend, ESPNetEncoder, ESPNetSegmentation, load_espnet,
+from vpr_localizer.segmentation.espnet import (ESPNetBackend, ESPNetEncoder, ESPNetSegmentation, load_espnet,
                                   make_espnet_backend)
-from vpr_localizer.semantics import SegmentationBackend
+from vpr_localizer.segmentation.classes import SegmentationBackend
 
 DECODER_FILE = "espnet_p2_q8_city_decoder.pth"
 ENCODER_FILE = "espnet_p2_q8_city_encoder.pth"

@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from vpr_localizer.errors import VprError, WeightsError
-from vpr_localizer.espnetv2 import ESPNetv2Backend, ESPNetv2Segmentation, load_espnetv2
-from vpr_localizer.semantics import SegmentationBackend
+from vpr_localizer.segmentation.espnetv2 import ESPNetv2Backend, ESPNetv2Segmentation, load_espnetv2
+from vpr_localizer.segmentation.classes import SegmentationBackend
 
 WEIGHTS = "espnetv2_s_2.0_city_1024x512.pth"
 KEYS = "espnetv2_s_2.0_city_1024x512.keys.txt"

@@ -1,4 +1,4 @@
-"""Segmentation-guided NetVLAD (vpr_localizer.guided) and its encoder/map integration.
+"""Segmentation-guided NetVLAD (vpr_localizer.models.guided) and its encoder/map integration.
 
 Checks, on random tensors where only algebra is tested and on real data where it matters
 (Cityscapes frames with the authors' reference label maps, Gardens Point images with the
@@ -20,17 +20,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from vpr_localizer.aggregation import NetVLAD
-from vpr_localizer.encoder import Encoder, EncoderConfig
+from vpr_localizer.models.aggregation import NetVLAD
+from vpr_localizer.models.encoder import Encoder, EncoderConfig
 from vpr_localizer.errors import ConfigError, WeightsError
 from vpr_localizer.files import sha256_file
-from vpr_localizer.guided import MIN_STATIC_FRACTION, GuidedNetVLAD, StreamFeatures, static_feature_weights
-from vpr_localizer.images import load_image, resize_image
-from vpr_localizer.localize import encoder_for_map
-from vpr_localizer.map_store import VprMap
-from vpr_localizer.mapping import build_map
-from vpr_localizer.records import records_from_csv
-from vpr_localizer.semantics import SKY_TRAIN_ID, Coarse, coarse_labels, colorize, static_weight
+from vpr_localizer.models.guided import MIN_STATIC_FRACTION, GuidedNetVLAD, StreamFeatures, static_feature_weights
+from vpr_localizer.io.image_files import load_image, resize_image
+from vpr_localizer.localization.localize import encoder_for_map
+from vpr_localizer.mapping.store import VprMap
+from vpr_localizer.mapping.build import build_map
+from vpr_localizer.io.records import records_from_csv
+from vpr_localizer.segmentation.classes import SKY_TRAIN_ID, Coarse, coarse_labels, colorize, static_weight
 
 K, D = 4, 16  # random-tensor tests
 CITY_FRAME = "frankfurt_000000_000576"  # 82% static, 16% dynamic, 2% sky (reference labels)

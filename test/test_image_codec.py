@@ -1,4 +1,4 @@
-"""sensor_msgs/Image and CompressedImage fields <-> NumPy (vpr_localizer.image_codec) on real photos."""
+"""sensor_msgs/Image and CompressedImage fields <-> NumPy (vpr_localizer.io.image_msgs) on real photos."""
 from __future__ import annotations
 
 import array
@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from vpr_localizer.errors import ImageLoadError, VprError
-from vpr_localizer.image_codec import (
+from vpr_localizer.io.image_msgs import (
     SUPPORTED_DECODE_ENCODINGS,
     compressed_to_rgb,
     descriptor_to_fields,
@@ -19,7 +19,7 @@ from vpr_localizer.image_codec import (
     rgb_to_image_fields,
     rgb_to_luma,
 )
-from vpr_localizer.images import load_image
+from vpr_localizer.io.image_files import load_image
 
 
 @pytest.fixture(scope="module")

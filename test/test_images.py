@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from vpr_localizer.errors import ImageLoadError, VprError
-from vpr_localizer.images import load_image, read_exif_gps, resize_image, validate_rgb
+from vpr_localizer.io.image_files import load_image, read_exif_gps, resize_image, validate_rgb
 
 
 @pytest.fixture(scope="module")

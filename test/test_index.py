@@ -1,4 +1,4 @@
-"""Unit tests of vpr_localizer.index (FAISS index layer of the map)."""
+"""Unit tests of vpr_localizer.mapping.index (FAISS index layer of the map)."""
 from __future__ import annotations
 
 import logging
@@ -7,7 +7,7 @@ import faiss
 import numpy as np
 import pytest
 
-from vpr_localizer import index as vindex
+from vpr_localizer.mapping import index as vindex
 from vpr_localizer.errors import MapError
 
 
@@ -167,7 +167,7 @@ def test_more_nprobe_does_not_lower_recall(clustered_map):
 def test_ivfpq_small_n_falls_back_to_flat(caplog):
     rng = np.random.default_rng(6)
     db = unit_rows(rng, 200, 64)  # < 256 points for 8-bit PQ codebooks
-    with caplog.at_level(logging.WARNING, logger="vpr_localizer.index"):
+    with caplog.at_level(logging.WARNING, logger="vpr_localizer.mapping.index"):
         index = vindex.build_index(db, "ivfpq")
     assert vindex.index_kind(index) == "flat"
     assert any(r.levelno == logging.WARNING and "falling back" in r.getMessage() for r in caplog.records)
@@ -178,7 +178,7 @@ def test_ivfpq_small_n_falls_back_to_flat(caplog):
 def test_explicit_nlist_is_clamped_with_warning(caplog):
     rng = np.random.default_rng(7)
     db = unit_rows(rng, 400, 16)
-    with caplog.at_level(logging.WARNING, logger="vpr_localizer.index"):
+    with caplog.at_level(logging.WARNING, logger="vpr_localizer.mapping.index"):
         index = vindex.build_index(db, "ivfpq", nlist=1000, pq_m=4)
     assert vindex.index_kind(index) == "ivfpq"
     assert index.nlist == 400 // 39 and index.pq.M == 4

@@ -1,7 +1,7 @@
-"""Pose estimate of :class:`vpr_localizer.localize.Localizer` on hand-built in-memory maps.
+"""Pose estimate of :class:`vpr_localizer.localization.localize.Localizer` on hand-built in-memory maps.
 
 Every expected value is computed here by hand from the formulas in the module doc of
-``vpr_localizer/localize.py``: weights ``exp((s_i - s_1) / T)`` over the candidates within
+``vpr_localizer/localization/localize.py``: weights ``exp((s_i - s_1) / T)`` over the candidates within
 ``consistency_radius_m`` of the best match, covariance = weighted spread +
 ``(sigma_floor^2 + (1 - min(margin / margin_scale, 1)) * sigma_ambiguous^2) * I``.
 
@@ -17,9 +17,9 @@ import pymap3d
 import pytest
 
 from vpr_localizer.geodesy import EnuDatum
-from vpr_localizer.index import build_index
-from vpr_localizer.localize import Localizer, LocalizerConfig, PoseEstimate
-from vpr_localizer.map_store import Keyframe, VprMap
+from vpr_localizer.mapping.index import build_index
+from vpr_localizer.localization.localize import Localizer, LocalizerConfig, PoseEstimate
+from vpr_localizer.mapping.store import Keyframe, VprMap
 
 DIM = 8
 CFG = LocalizerConfig(top_k=DIM, consistency_radius_m=25.0, temperature=0.02, margin_scale=0.1,

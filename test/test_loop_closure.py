@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vpr_localizer.encoder import Encoder, EncoderConfig
-from vpr_localizer.loop_closure import (LoopClosureConfig, LoopClosureDetector, best_matches,
+from vpr_localizer.models.encoder import Encoder, EncoderConfig
+from vpr_localizer.mapping.loop_closure import (LoopClosureConfig, LoopClosureDetector, best_matches,
                                         evaluate_candidates)
-from vpr_localizer.records import records_from_folder
+from vpr_localizer.io.records import records_from_folder
 
 # measured on rtabmap_loop with VGG16 at 160x120, K=64: average precision 0.910, best F1 0.918
 AP_MIN = 0.85
@@ -46,7 +46,7 @@ def test_old_match_found_when_recent_frames_crowd_the_top_k():
 def test_evaluate_candidates_hand_computed():
     gt = np.zeros((4, 4), bool)
     gt[2, 0] = gt[3, 1] = True
-    from vpr_localizer.loop_closure import LoopCandidate
+    from vpr_localizer.mapping.loop_closure import LoopCandidate
     cands = [None, None, LoopCandidate(2, 0, 0.9, 0, 2), LoopCandidate(3, 0, 0.95, 0, 3)]
     m = evaluate_candidates(cands, gt)
     assert m["positives"] == 2

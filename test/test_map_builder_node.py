@@ -29,9 +29,9 @@ from PIL import Image as PILImage
 
 pytest.importorskip("rclpy", reason="rclpy (ROS 2 from PyPI) is not installed")
 
-from vpr_localizer.bags import make_bag  # noqa: E402
-from vpr_localizer.map_store import VprMap  # noqa: E402
-from vpr_localizer.records import ImageRecord, records_from_folder  # noqa: E402
+from vpr_localizer.io.bags import make_bag  # noqa: E402
+from vpr_localizer.mapping.store import VprMap  # noqa: E402
+from vpr_localizer.io.records import ImageRecord, records_from_folder  # noqa: E402
 
 BAG_START_S = 1_700_000_000.0
 SIZE = (160, 120)
@@ -129,7 +129,7 @@ def _wait_worker_done(node, expected: int, timeout_s: float = 60.0) -> None:
 
 def _frame_seconds(node, rgb_frames) -> float:
     """Median wall time of one keyframe's backbone pass (the cost that paces the replay)."""
-    from vpr_localizer.images import resize_image
+    from vpr_localizer.io.image_files import resize_image
 
     times = []
     for rgb in rgb_frames:
@@ -155,9 +155,9 @@ def _no_temp_dirs(map_path: Path) -> list:
 
 @pytest.mark.integration
 def test_live_mapping_rtabmap_loop(datasets_dir, weights_dir, tmp_path):
-    from vpr_localizer.encoder import Encoder, EncoderConfig
-    from vpr_localizer.images import load_image, resize_image
-    from vpr_localizer.localize import encoder_for_map
+    from vpr_localizer.models.encoder import Encoder, EncoderConfig
+    from vpr_localizer.io.image_files import load_image, resize_image
+    from vpr_localizer.localization.localize import encoder_for_map
     from vpr_ros.replay import replay_bag
 
     t_start = time.perf_counter()

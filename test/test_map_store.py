@@ -1,4 +1,4 @@
-"""The map directory on disk (``vpr_localizer.map_store``) with a real map built from lund_gps.
+"""The map directory on disk (``vpr_localizer.mapping.store``) with a real map built from lund_gps.
 
 One small map is built per module (6 even lund frames, VGG16 at 128x96, NetVLAD K=8) and then
 loaded, compared with an independent reading of the EXIF GPS (Pillow, not piexif) converted
@@ -20,14 +20,14 @@ import torch
 import yaml
 from PIL import Image
 
-from vpr_localizer import map_store
-from vpr_localizer.encoder import Encoder, EncoderConfig
+from vpr_localizer.mapping import store as map_store
+from vpr_localizer.models.encoder import Encoder, EncoderConfig
 from vpr_localizer.errors import FingerprintMismatchError, MapError, WeightsError
-from vpr_localizer.index import build_index
-from vpr_localizer.localize import encoder_for_map
-from vpr_localizer.map_store import VprMap, write_map
-from vpr_localizer.mapping import build_map
-from vpr_localizer.records import records_from_folder, select
+from vpr_localizer.mapping.index import build_index
+from vpr_localizer.localization.localize import encoder_for_map
+from vpr_localizer.mapping.store import VprMap, write_map
+from vpr_localizer.mapping.build import build_map
+from vpr_localizer.io.records import records_from_folder, select
 
 FRAMES = (2, 4, 6, 8, 10, 12)
 SIZE = (128, 96)
@@ -235,7 +235,7 @@ def test_fingerprint_mismatch_other_image_size(vmap, vgg_path):
     with pytest.raises(FingerprintMismatchError, match="image_size"):
         vmap.check_fingerprint(other.fingerprint())
     # A checkpoint with PCA (fitted on descriptors of one input size) does not load at another.
-    from vpr_localizer.pca import PCAWhitening
+    from vpr_localizer.models.pca import PCAWhitening
 
     other.pca = PCAWhitening.fit(np.random.default_rng(0).standard_normal((12, other.raw_dim)).astype(np.float32), 4)
     with pytest.raises(WeightsError, match="image_size"):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from vpr_localizer.aggregation import GeM, GlobalAvgPool, NetVLAD, kmeans_centroids
+from vpr_localizer.models.aggregation import GeM, GlobalAvgPool, NetVLAD, kmeans_centroids
 
 B, D, K, H, W = 2, 8, 4, 3, 5
 

@@ -1,4 +1,4 @@
-"""Panoptic-DeepLab (vpr_localizer.panoptic): post-processing on hand-built tensors with known
+"""Panoptic-DeepLab (vpr_localizer.segmentation.panoptic): post-processing on hand-built tensors with known
 answers, the network on random weights (shapes, checkpoint layout, strict loading) and the
 segmentation backend. No real Panoptic-DeepLab weights exist here, so nothing checks accuracy."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from vpr_localizer.errors import WeightsError
-from vpr_localizer.panoptic import (
+from vpr_localizer.segmentation.panoptic import (
     CITYSCAPES_THING_IDS,
     PanopticDeepLab,
     PanopticDeepLabBackend,
@@ -22,7 +22,7 @@ from vpr_localizer.panoptic import (
     merge_semantic_and_instance,
     panoptic_segmentation,
 )
-from vpr_localizer.semantics import SegmentationBackend
+from vpr_localizer.segmentation.classes import SegmentationBackend
 
 ROAD, SIDEWALK, CAR, TRUCK = 0, 1, 13, 14
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vpr_localizer.pca import PCAWhitening
+from vpr_localizer.models.pca import PCAWhitening
 
 
 def _data(n: int, d: int, seed: int) -> np.ndarray:

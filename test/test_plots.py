@@ -1,4 +1,4 @@
-"""Tests of vpr_localizer.plots: every figure is written as a readable PNG of plausible size."""
+"""Tests of vpr_localizer.evaluation.plots: every figure is written as a readable PNG of plausible size."""
 import gc
 import os
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vpr_localizer import plots
+from vpr_localizer.evaluation import plots
 
 RED = np.array([214, 39, 40])  # colour of wrong / unlabelled estimates and of wrong-match borders
 GREEN = np.array([34, 160, 60])  # border of a correct match in the contact sheet

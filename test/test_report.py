@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from vpr_localizer.report import ABLATION_COLUMNS, ablation_table, main
+from vpr_localizer.evaluation.report import ABLATION_COLUMNS, ablation_table, main
 
 
 def _recall(c1, c5, total):

@@ -58,12 +58,12 @@ def ros_env(monkeypatch):
 @pytest.fixture(scope="module")
 def lund(datasets_dir, weights_dir, data_file, tmp_path_factory):
     """Map of the even Lund frames, bag of the odd ones, and the offline localisation of the odd ones."""
-    from vpr_localizer import bags
-    from vpr_localizer.encoder import Encoder, EncoderConfig
-    from vpr_localizer.localize import Localizer, LocalizerConfig, encoder_for_map
-    from vpr_localizer.map_store import VprMap
-    from vpr_localizer.mapping import build_map
-    from vpr_localizer.records import load_records
+    from vpr_localizer.io import bags
+    from vpr_localizer.models.encoder import Encoder, EncoderConfig
+    from vpr_localizer.localization.localize import Localizer, LocalizerConfig, encoder_for_map
+    from vpr_localizer.mapping.store import VprMap
+    from vpr_localizer.mapping.build import build_map
+    from vpr_localizer.io.records import load_records
 
     weights = data_file(weights_dir / VGG16_WEIGHTS)
     images = datasets_dir / "lund_gps"
@@ -180,7 +180,7 @@ def last_status(probe: Probe, name: str) -> dict:
 def test_node_encode_equals_offline_encoder(lund):
     """The node's single backbone pass gives exactly Encoder.encode_images (any input size)."""
     from attention_node.node import attention_heatmap, patch_descriptors
-    from vpr_localizer.images import load_image, resize_image
+    from vpr_localizer.io.image_files import load_image, resize_image
 
     rgb = resize_image(load_image(lund.records[0].path), (333, 250))  # not the network size
     enc = lund.encoder
@@ -269,8 +269,8 @@ def test_bad_input_is_logged_and_dropped(lund, ros_env, tmp_path, capfd):
     from sensor_msgs.msg import CompressedImage, Image
 
     from attention_node.node import AttentionNode
-    from vpr_localizer.images import load_image, resize_image
-    from vpr_localizer.image_codec import compressed_to_rgb, rgb_to_compressed
+    from vpr_localizer.io.image_files import load_image, resize_image
+    from vpr_localizer.io.image_msgs import compressed_to_rgb, rgb_to_compressed
     from vpr_ros.convert import descriptor_to_msg, rgb_to_image_msg, sec_to_stamp
     from vpr_ros.graph import Graph
     from vpr_ros.qos import reliable_qos, sensor_qos
@@ -374,7 +374,7 @@ def test_run_with_missing_map_exits_2(node, ros_env, tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({node: {"ros__parameters": {"map_path": str(missing)}}}))
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "vpr_localizer.cli", "run", "--params", str(params)],
+    proc = subprocess.run([sys.executable, "-m", "vpr_localizer.cli.main", "run", "--params", str(params)],
                           cwd=str(REPO_ROOT), capture_output=True, text=True, timeout=90)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out

@@ -1,6 +1,6 @@
 """Integration: the main job's real-data scenarios, end to end (encode, map, retrieve, pose).
 
-Each test runs one scenario of :mod:`vpr_localizer.scenarios` on the real images of
+Each test runs one scenario of :mod:`vpr_localizer.evaluation.scenarios` on the real images of
 ``../shared/datasets`` with the real VGG16 weights, exactly as ``vpr-localizer evaluate
 --scenario NAME`` does, and checks the counts the README reports. Lower bounds sit at or a
 little below the measured values (recorded next to each), so a regression in the encoder,
@@ -14,9 +14,9 @@ import os
 import pytest
 from PIL import Image
 
-from vpr_localizer.encoder import EncoderConfig
-from vpr_localizer.evaluate import evaluate
-from vpr_localizer.scenarios import VGG16_WEIGHTS, get_scenario
+from vpr_localizer.models.encoder import EncoderConfig
+from vpr_localizer.evaluation.evaluate import evaluate
+from vpr_localizer.evaluation.scenarios import VGG16_WEIGHTS, get_scenario
 
 pytestmark = pytest.mark.integration
 

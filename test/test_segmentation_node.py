@@ -241,7 +241,7 @@ def test_bad_frames_are_logged_and_the_node_keeps_running(make_graph, city_rgb, 
 
 
 def test_compressed_input_and_no_overlay(make_graph, city_rgb):
-    from vpr_localizer.image_codec import rgb_to_compressed
+    from vpr_localizer.io.image_msgs import rgb_to_compressed
 
     graph, probe = make_graph(compressed=True, publish_overlay=False)
     seg = graph.node("segmentation_node")
@@ -348,7 +348,7 @@ def test_rviz_config_parses_and_shows_the_suite():
 
 def test_espnetv2_backend_through_the_node(make_graph, city_rgb, weights_dir):
     """The node publishes exactly what the ESPNetv2 backend computes offline on the same frame."""
-    from vpr_localizer.semantics import make_backend, overlay
+    from vpr_localizer.segmentation.classes import make_backend, overlay
 
     weights = str(weights_dir / "espnetv2_s_2.0_city_1024x512.pth")
     graph, probe = make_graph(backend="espnetv2", weights=weights, device="cpu")

@@ -1,11 +1,11 @@
-"""Unit tests of vpr_localizer.semantics: class table, coarse mapping, weights, palette, overlay,
+"""Unit tests of vpr_localizer.segmentation.classes: class table, coarse mapping, weights, palette, overlay,
 backend registry (no ROS, no data files)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from vpr_localizer import semantics as sem
+from vpr_localizer.segmentation import classes as sem
 from vpr_localizer.errors import VprError, WeightsError
 
 ALL_IDS = np.arange(256, dtype=np.uint8).reshape(16, 16)

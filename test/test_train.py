@@ -1,4 +1,4 @@
-"""Training the guided NetVLAD head (vpr_localizer.train) and the ``vpr-localizer train`` command.
+"""Training the guided NetVLAD head (vpr_localizer.training.train) and the ``vpr-localizer train`` command.
 
 Checks: the place split (no place in both halves, the d_neg gap before the validation places,
 night copies only of the first traversal, unusable data rejected); hard-negative mining on
@@ -21,16 +21,16 @@ import numpy as np
 import pytest
 import torch
 
-from vpr_localizer.backbones import build_backbone
-from vpr_localizer.cli import main
-from vpr_localizer.encoder import Encoder, EncoderConfig, load_checkpoint
+from vpr_localizer.models.backbones import build_backbone
+from vpr_localizer.cli.main import main
+from vpr_localizer.models.encoder import Encoder, EncoderConfig, load_checkpoint
 from vpr_localizer.errors import DatasetError, WeightsError
-from vpr_localizer.guided import GuidedNetVLAD
-from vpr_localizer.images import load_image
-from vpr_localizer.records import ImageRecord
-from vpr_localizer.scenarios import ImageSetSpec, get_training_set
-import vpr_localizer.train as train_module
-from vpr_localizer.train import TrainConfig, _Item, _mine, split_by_place, train_encoder
+from vpr_localizer.models.guided import GuidedNetVLAD
+from vpr_localizer.io.image_files import load_image
+from vpr_localizer.io.records import ImageRecord
+from vpr_localizer.evaluation.scenarios import ImageSetSpec, get_training_set
+import vpr_localizer.training.train as train_module
+from vpr_localizer.training.train import TrainConfig, _Item, _mine, split_by_place, train_encoder
 
 SIZE = (128, 64)  # Nordland thumbnails upscaled 2x, as the nordland_train training set
 K = 8
@@ -516,7 +516,7 @@ def test_cli_train_without_guidance_is_an_error(shared_dir, tmp_path, capsys):
         assert flag in message
     assert not out.exists()
     # as a process: a non-zero status and the one line on stderr, no traceback
-    proc = subprocess.run([sys.executable, "-m", "vpr_localizer.cli", *argv], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "vpr_localizer.cli.main", *argv], capture_output=True, text=True,
                           timeout=120, cwd=str(tmp_path))
     assert proc.returncode != 0
     assert "--attention" in proc.stderr and "Traceback" not in proc.stderr

@@ -5,7 +5,7 @@ import hashlib
 import os
 from typing import Callable, Dict, List, Optional
 
-from .errors import WeightsError
+from vpr_localizer.errors import WeightsError
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

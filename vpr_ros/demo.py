@@ -20,11 +20,11 @@ from typing import Dict, Optional
 import numpy as np
 import yaml
 
-from vpr_localizer.bags import make_bag
-from vpr_localizer.encoder import Encoder, EncoderConfig
+from vpr_localizer.io.bags import make_bag
+from vpr_localizer.models.encoder import Encoder, EncoderConfig
 from vpr_localizer.errors import DatasetError
-from vpr_localizer.mapping import build_map, datum_for, localize_records
-from vpr_localizer.scenarios import VGG16_WEIGHTS, get_scenario
+from vpr_localizer.mapping.build import build_map, datum_for, localize_records
+from vpr_localizer.evaluation.scenarios import VGG16_WEIGHTS, get_scenario
 
 LOG = logging.getLogger("vpr_localizer.demo")
 
@@ -36,7 +36,7 @@ def ros_demo(shared: str, out_dir: str, scenario: str = "lund_odd_vs_even", rate
     Args:
         shared: folder holding ``datasets/`` and ``weights/``.
         out_dir: where the map, the bag and the metrics go (overwritten).
-        scenario: a scenario with metric ground truth (see :mod:`vpr_localizer.scenarios`).
+        scenario: a scenario with metric ground truth (see :mod:`vpr_localizer.evaluation.scenarios`).
         rate: replay speed factor; low enough that the attention node keeps up (it drops stale
             frames by design, which the metrics report).
         bag_rate_hz: image rate written into the bag, Hz.

@@ -11,8 +11,9 @@ import signal
 import threading
 from typing import Dict, List, Optional, Sequence
 
-from vpr_localizer.errors import DatasetError, VprError
-from vpr_localizer.params import read_params_file
+from vpr_localizer.errors import DatasetError
+from vpr_localizer.param_files import read_params_file
+from vpr_ros.spin import startup_errors
 
 NODE_CLASSES: Dict[str, str] = {
     "segmentation_node": "segmentation_node.node:SegmentationNode",
@@ -20,15 +21,6 @@ NODE_CLASSES: Dict[str, str] = {
     "vpr_localizer": "localizer_node.node:LocalizerNode",
     "map_builder": "map_builder.node:MapBuilderNode",
 }
-
-
-def startup_errors() -> tuple:
-    """Exceptions that mean "bad configuration" when a node is constructed (one fatal line, exit 2):
-    our own :class:`VprError` (missing map, weights ...) and rclpy's parameter / name errors
-    (e.g. an int in the YAML where the node expects a double)."""
-    from rclpy.exceptions import NameValidationException, ParameterException
-
-    return (VprError, ParameterException, NameValidationException)
 
 
 def node_names_in(params_file: str) -> List[str]:
@@ -130,47 +122,3 @@ def run(params_file: str, names: Optional[Sequence[str]] = None, duration_s: Opt
     stop.wait(duration_s)
     graph.shutdown()
     return 0
-
-
-def spin_single_node(factory, name: str, argv: Optional[Sequence[str]] = None) -> int:
-    """Console entry point shared by every node: run one node until Ctrl-C/SIGTERM.
-
-    ROS arguments pass through (``--ros-args --params-file F -p key:=value -r image:=/cam``).
-    Nodes with a ``flush()`` method (map_builder) are flushed before they are destroyed.
-
-    Args:
-        factory: the node class (called with no arguments after ``rclpy.init``).
-        name: node name, for the fatal log line.
-        argv: command line (default ``sys.argv``).
-
-    Returns:
-        0 after a clean stop, 2 when the node cannot start (one fatal log line, no traceback).
-    """
-    import sys
-
-    import rclpy
-    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
-
-    rclpy.init(args=list(sys.argv if argv is None else argv))
-    node = None
-    try:
-        try:
-            node = factory()
-        except startup_errors() as exc:
-            rclpy.logging.get_logger(name).fatal(f"cannot start: {exc}")
-            return 2
-        executor = MultiThreadedExecutor()
-        executor.add_node(node)
-        try:
-            executor.spin()
-        except (KeyboardInterrupt, ExternalShutdownException):
-            pass
-        finally:
-            executor.shutdown()
-        return 0
-    finally:
-        if node is not None:
-            if hasattr(node, "flush"):
-                node.flush()
-            node.destroy_node()
-        rclpy.try_shutdown()

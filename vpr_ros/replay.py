@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Sequence
 
-from vpr_localizer.bags import _bag_errors, _open_reader
+from vpr_localizer.io.bags import _bag_errors, _open_reader
 from vpr_localizer.errors import DatasetError
 
 from .qos import reliable_qos, sensor_qos

@@ -10,9 +10,9 @@ import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
-from .errors import DatasetError
-from .evaluate import GroundTruth
-from .records import ImageRecord, load_records, select, records_from_csv
+from vpr_localizer.errors import DatasetError
+from vpr_localizer.evaluation.evaluate import GroundTruth
+from vpr_localizer.io.records import ImageRecord, load_records, select, records_from_csv
 
 VGG16_WEIGHTS = "weights/vgg16_features_imagenet_caffe_bgr.pth"
 #: Segmentation backend (and its weights, relative to the shared folder) that guided encoders

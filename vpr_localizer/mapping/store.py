@@ -25,9 +25,9 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import yaml
 
-from .errors import FingerprintMismatchError, MapError
-from .files import sha256_file
-from .geodesy import EnuDatum
+from vpr_localizer.errors import FingerprintMismatchError, MapError
+from vpr_localizer.files import sha256_file
+from vpr_localizer.geodesy import EnuDatum
 
 FORMAT_VERSION = 1
 MAP_YAML = "map.yaml"
@@ -127,7 +127,7 @@ def write_map(path: str, keyframes: Sequence[Keyframe], index, encoder_checkpoin
     """
     import torch
 
-    from .index import save_index
+    from vpr_localizer.mapping.index import save_index
 
     path = os.path.abspath(path)
     if [k.id for k in keyframes] != list(range(len(keyframes))):
@@ -233,7 +233,7 @@ class VprMap:
         """
         import torch
 
-        from .index import load_index
+        from vpr_localizer.mapping.index import load_index
 
         path = os.path.abspath(path)
         if not os.path.isdir(path):

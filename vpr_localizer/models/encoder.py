@@ -22,17 +22,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .aggregation import GeM, GlobalAvgPool, NetVLAD, kmeans_centroids
-from .backbones import Backbone, build_backbone
-from .errors import ConfigError, ImageLoadError, WeightsError
-from .files import sha256_file
-from .guided import GuidedNetVLAD, StreamFeatures, static_feature_weights
-from .images import load_image, resize_image
-from .pca import PCAWhitening
+from vpr_localizer.models.aggregation import GeM, GlobalAvgPool, NetVLAD, kmeans_centroids
+from vpr_localizer.models.backbones import Backbone, build_backbone
+from vpr_localizer.device import resolve_device
+from vpr_localizer.errors import ConfigError, ImageLoadError, WeightsError
+from vpr_localizer.files import sha256_file
+from vpr_localizer.models.guided import GuidedNetVLAD, StreamFeatures, static_feature_weights
+from vpr_localizer.io.image_files import load_image, resize_image
+from vpr_localizer.models.pca import PCAWhitening
 
 LOG = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = "vpr_localizer.encoder"
+CHECKPOINT_FORMAT = "vpr_localizer.models.encoder"
 CHECKPOINT_VERSION = 1
 AGGREGATORS = ("netvlad", "gem", "gap")
 
@@ -63,7 +64,7 @@ class EncoderConfig:
         checkpoint: a trained encoder checkpoint (see :meth:`Encoder.save_checkpoint`); when
             given, its aggregator and PCA are used and no k-means / PCA fit happens.
         static_mask: (NetVLAD) weight local features by the segmentation's static-structure
-            mask (:mod:`vpr_localizer.guided`).
+            mask (:mod:`vpr_localizer.models.guided`).
         seg_stream: (NetVLAD) add the segmentation stream: the colour-coded labels through the
             same backbone, a second NetVLAD, concatenated before PCA.
         attention: (NetVLAD) one spatial attention module per stream (trained by
@@ -98,7 +99,7 @@ class EncoderConfig:
 
     @property
     def guided(self) -> bool:
-        """True when NetVLAD gets any segmentation/attention guidance (:mod:`vpr_localizer.guided`)."""
+        """True when NetVLAD gets any segmentation/attention guidance (:mod:`vpr_localizer.models.guided`)."""
         return self.aggregator == "netvlad" and (self.static_mask or self.seg_stream or self.attention)
 
     @property
@@ -124,23 +125,6 @@ class EncoderConfig:
         d["image_size"] = list(self.image_size)
         d["segmentation_size"] = list(self.segmentation_size)
         return d
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` -> ``cuda`` when available else ``cpu``; anything else is passed to ``torch.device``.
-
-    Raises:
-        ConfigError: an invalid device string, or ``cuda`` asked for without CUDA.
-    """
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ConfigError(f"invalid torch device {device!r} (use auto, cpu, cuda or cuda:N): {exc}") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} requested but CUDA is not available")
-    return dev
 
 
 def _state_hash(tensors: Dict[str, object]) -> str:
@@ -440,7 +424,7 @@ class Encoder:
             WeightsError: backend unknown or its weights missing/unloadable.
         """
         if self._segmenter is None:
-            from .semantics import make_backend
+            from vpr_localizer.segmentation.classes import make_backend
 
             cfg = self.config
             self._segmenter = make_backend(cfg.segmentation, weights=cfg.segmentation_weights,
@@ -485,7 +469,7 @@ class Encoder:
                 encoder's segmentation backend when the encoder needs labels.
 
         Returns:
-            :class:`~vpr_localizer.guided.StreamFeatures` (``seg``/``static`` None when unused).
+            :class:`~vpr_localizer.models.guided.StreamFeatures` (``seg``/``static`` None when unused).
         """
         feats = StreamFeatures(self.feature_maps(images))
         if not self.config.needs_labels:
@@ -494,7 +478,7 @@ class Encoder:
         if self.config.static_mask:
             feats.static = static_feature_weights(lab, tuple(feats.image.shape[-2:]), device=self.device)
         if self.config.seg_stream:
-            from .semantics import colorize
+            from vpr_localizer.segmentation.classes import colorize
 
             feats.seg = self.feature_maps(np.stack([colorize(x) for x in lab]))
         return feats

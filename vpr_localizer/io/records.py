@@ -20,8 +20,8 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, List, Optional, Sequence
 
-from .errors import DatasetError
-from .images import IMAGE_EXTENSIONS, read_exif_gps
+from vpr_localizer.errors import DatasetError
+from vpr_localizer.io.image_files import IMAGE_EXTENSIONS, read_exif_gps
 
 _NUM_RE = re.compile(r"(\d+)")
 

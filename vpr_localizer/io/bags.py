@@ -26,10 +26,10 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import DatasetError, ImageLoadError
-from .image_codec import rgb_to_compressed, rgb_to_image_fields
-from .images import load_image, resize_image
-from .records import ImageRecord
+from vpr_localizer.errors import DatasetError, ImageLoadError
+from vpr_localizer.io.image_msgs import rgb_to_compressed, rgb_to_image_fields
+from vpr_localizer.io.image_files import load_image, resize_image
+from vpr_localizer.io.records import ImageRecord
 
 LOG = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ def make_bag(records: Sequence[ImageRecord], out_path: str, rate_hz: float = 2.0
       with ``child_frame_id=frame_id``, orientation from ``yaw`` (identity and a 1e9 rad^2
       orientation variance when unknown), zero twist.
 
-    Unreadable images (:func:`vpr_localizer.images.load_image` raises ImageLoadError) are
+    Unreadable images (:func:`vpr_localizer.io.image_files.load_image` raises ImageLoadError) are
     skipped with a logged warning naming the file, and listed in the summary; the remaining
     images keep the uniform spacing. The bag is written into a temporary sibling directory and
     renamed to ``out_path`` only when complete, so ``out_path`` never holds a partial bag.

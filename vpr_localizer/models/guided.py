@@ -3,22 +3,22 @@
 Three additions on top of plain NetVLAD, each switchable (the ablation rows of the README):
 
 1. **Static mask** (seed 002's class simplification): a per-pixel static-structure weight from
-   the segmentation labels (:func:`vpr_localizer.semantics.static_weight`: static 1, dynamic
+   the segmentation labels (:func:`vpr_localizer.segmentation.classes.static_weight`: static 1, dynamic
    objects 0, sky 0, unlabelled 1), area-averaged onto the feature grid
-   (:func:`vpr_localizer.attention.weights_to_feature_map`), down-weights the local features of
+   (:func:`vpr_localizer.models.attention.weights_to_feature_map`), down-weights the local features of
    cars, people and sky in NetVLAD aggregation.
 2. **Segmentation stream** (the seed's second stream): the colour-coded segmentation image
-   (:func:`vpr_localizer.semantics.colorize`, Cityscapes palette) goes through the *same*
+   (:func:`vpr_localizer.segmentation.classes.colorize`, Cityscapes palette) goes through the *same*
    backbone; its local features are aggregated by a second NetVLAD layer with its own
    centroids.
-3. **Attention** (the seed's attention module, :class:`~vpr_localizer.attention.SpatialAttention`):
+3. **Attention** (the seed's attention module, :class:`~vpr_localizer.models.attention.SpatialAttention`):
    one module per stream, its spatial map weights that stream's local features.
 
 How the weights enter NetVLAD: every weight map ``(B, 1, h, w)`` (static mask, attention map,
 or their product) is passed as NetVLAD's per-location ``weights`` (it scales the soft
 assignment ``a_k(x_i)`` of Arandjelovic et al., CVPR 2016, Eq. 4). Multiplying the features by
 the map instead -- the literal reading of the seed -- would be cancelled by NetVLAD's
-per-feature L2 normalisation (see :mod:`vpr_localizer.attention`).
+per-feature L2 normalisation (see :mod:`vpr_localizer.models.attention`).
 
 Fusion of the two streams: **concatenation before PCA**, each stream's NetVLAD vector
 L2-normalised and the concatenation scaled by ``1/sqrt(2)`` (unit norm). Why not a sum: the
@@ -44,9 +44,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .aggregation import NetVLAD
-from .attention import SpatialAttention, weights_to_feature_map
-from .semantics import static_weight
+from vpr_localizer.models.aggregation import NetVLAD
+from vpr_localizer.models.attention import SpatialAttention, weights_to_feature_map
+from vpr_localizer.segmentation.classes import static_weight
 
 #: A static mask covering less than this fraction of the feature grid is replaced by uniform weights.
 MIN_STATIC_FRACTION = 0.02
@@ -87,7 +87,7 @@ def static_feature_weights(labels: np.ndarray, size_hw: Tuple[int, int], device=
         device: device of the result.
 
     Returns:
-        ``float32 (B, 1, h, w)``: per location the mean :func:`~vpr_localizer.semantics.static_weight`
+        ``float32 (B, 1, h, w)``: per location the mean :func:`~vpr_localizer.segmentation.classes.static_weight`
         of the pixels it covers; a frame whose mask sums to less than ``MIN_STATIC_FRACTION`` of
         its locations gets uniform weights 1 (so it still has a descriptor).
 

@@ -30,7 +30,7 @@ Architecture (width scale ``s = 2.0``; channels per level ``32, 128, 256, 512``)
   logits at 1/2, bilinearly upsampled to the input size.
 
 Classes are Cityscapes trainIds 0..18 plus 19 = background/ignore (see
-:mod:`vpr_localizer.semantics`). Input convention of the weights: RGB, ``/ 255``, ImageNet
+:mod:`vpr_localizer.segmentation.classes`). Input convention of the weights: RGB, ``/ 255``, ImageNet
 mean ``(0.485, 0.456, 0.406)`` / std ``(0.229, 0.224, 0.225)``, trained at 1024x512 (W x H).
 """
 from __future__ import annotations
@@ -44,10 +44,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .encoder import resolve_device
-from .errors import WeightsError
-from .files import check_strict_state_dict, load_state_dict_file
-from .semantics import backend_input_size, check_rgb
+from vpr_localizer.device import resolve_device
+from vpr_localizer.errors import WeightsError
+from vpr_localizer.files import check_strict_state_dict, load_state_dict_file
+from vpr_localizer.segmentation.classes import backend_input_size, check_rgb
 
 #: Number of network outputs (19 Cityscapes train classes + background/ignore).
 NUM_OUTPUTS = 20
@@ -393,7 +393,7 @@ def load_espnetv2(path: str | os.PathLike, device: str | torch.device = "cpu") -
 # --- segmentation backend -----------------------------------------------------------------------
 
 class ESPNetv2Backend:
-    """Segmentation backend ``espnetv2`` (see :class:`vpr_localizer.semantics.SegmentationBackend`).
+    """Segmentation backend ``espnetv2`` (see :class:`vpr_localizer.segmentation.classes.SegmentationBackend`).
 
     ``backend(rgb)``: ``uint8 (H, W, 3)`` RGB -> ``uint8 (H, W)`` Cityscapes trainIds (0..18,
     19 = background/ignore). Steps, as the authors' ``test_segmentation.py``: resize to

@@ -14,7 +14,7 @@ import numpy as np
 import piexif
 from PIL import Image, UnidentifiedImageError
 
-from .errors import ImageLoadError
+from vpr_localizer.errors import ImageLoadError
 
 LOG = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Dict
 
-from .evaluate import RECALL_NS
+from vpr_localizer.evaluation.evaluate import RECALL_NS
 
 
 def _cell(r: Dict, n: int) -> str:
@@ -15,7 +15,7 @@ def results_table(all_metrics: Dict[str, Dict]) -> str:
     """One row per (scenario, method): recall@1/5/10 with counts, errors, encode time.
 
     Args:
-        all_metrics: scenario name -> metrics dict from :func:`vpr_localizer.evaluate.evaluate`.
+        all_metrics: scenario name -> metrics dict from :func:`vpr_localizer.evaluation.evaluate.evaluate`.
     """
     head = ("| scenario | method | criterion | R@1 | R@5 | R@10 | mean / median error (m) | within 3 m | "
             "within 25 m | encode ms/img (input) |")
@@ -90,12 +90,12 @@ def ablation_table(rows) -> str:
 
 
 def main(argv=None) -> int:
-    """``python -m vpr_localizer.report LABEL=SUMMARY.json ...``: print the ablation table."""
+    """``python -m vpr_localizer.evaluation.report LABEL=SUMMARY.json ...``: print the ablation table."""
     import sys
 
     args = sys.argv[1:] if argv is None else argv
     if not args:
-        print("usage: python -m vpr_localizer.report LABEL=path/to/summary.json ...", file=sys.stderr)
+        print("usage: python -m vpr_localizer.evaluation.report LABEL=path/to/summary.json ...", file=sys.stderr)
         return 2
     print(ablation_table([a.split("=", 1) for a in args]))
     return 0

@@ -34,14 +34,14 @@ Decisions and why:
 * *Near-neutral initialisation*: convolution weights are **zero** and the bias is
   ``init_bias`` (default 3.0), so the untrained map is the constant ``sigmoid(3) = 0.9526``
   everywhere. A constant map is exactly neutral for every aggregator of
-  :mod:`vpr_localizer.aggregation` (NetVLAD, GeM and GAP weighted by a constant, or fed
+  :mod:`vpr_localizer.models.aggregation` (NetVLAD, GeM and GAP weighted by a constant, or fed
   features scaled by a constant, give the same L2-normalised descriptor), and
   ``features * 0.95`` is within 5% of the features for any other consumer. Zero weights do not
   block learning: the gradient with respect to a weight is the sum over locations of the
   upstream gradient times ``sigmoid'`` (0.045 at the initial bias) times the pooled input,
   non-zero whenever the input is not zero.
 
-How to apply the map with NetVLAD: :class:`~vpr_localizer.aggregation.NetVLAD` with
+How to apply the map with NetVLAD: :class:`~vpr_localizer.models.aggregation.NetVLAD` with
 ``normalize_input=True`` (the default, as in NetVLAD and Patch-NetVLAD) L2-normalises each local
 feature first, which cancels any positive per-location scale. Multiplying the features by the
 map (:meth:`SpatialAttention.apply`, the literal reading of the seed) therefore has **no
@@ -53,7 +53,7 @@ One module per stream: build one :class:`SpatialAttention` for the image stream 
 the segmentation stream; they share nothing.
 
 :func:`weights_to_feature_map` brings a per-pixel static-structure weight
-(:func:`vpr_localizer.semantics.static_weight`) to the feature-map grid so that it can be used
+(:func:`vpr_localizer.segmentation.classes.static_weight`) to the feature-map grid so that it can be used
 as the same kind of ``(B, 1, H, W)`` weight.
 """
 from __future__ import annotations
@@ -166,7 +166,7 @@ def weights_to_feature_map(weight_map: Union[np.ndarray, torch.Tensor], size: Se
 
     Args:
         weight_map: per-pixel weights, non-negative and finite: a numpy ``(h, w)`` array (e.g.
-            :func:`vpr_localizer.semantics.static_weight` output, float32), or a numpy/torch
+            :func:`vpr_localizer.segmentation.classes.static_weight` output, float32), or a numpy/torch
             ``(B, 1, h, w)`` array/tensor.
         size: output ``(H, W)`` -- rows, columns (torch order, as the feature map's
             ``shape[-2:]``), each >= 1.

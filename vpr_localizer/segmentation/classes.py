@@ -44,7 +44,7 @@ from typing import Callable, Dict, Optional, Protocol, Tuple, runtime_checkable
 
 import numpy as np
 
-from .errors import WeightsError
+from vpr_localizer.errors import WeightsError
 
 # --- class table -------------------------------------------------------------------------------
 
@@ -332,7 +332,7 @@ def _make_none(weights: Optional[str] = None, device: str = "auto", **_ignored) 
 def _make_espnetv2(weights: Optional[str] = None, device: str = "auto",
                    input_size: Tuple[int, int] = (1024, 512), **_ignored) -> SegmentationBackend:
     """Backend ``espnetv2``: ESPNetv2 s=2.0 Cityscapes (Mehta et al., CVPR 2019)."""
-    from .espnetv2 import ESPNetv2Backend  # lazy: keeps torch out of ``import semantics``
+    from vpr_localizer.segmentation.espnetv2 import ESPNetv2Backend  # lazy: keeps torch out of ``import semantics``
 
     if not weights:
         raise WeightsError("segmentation backend espnetv2 needs weights=..., e.g. "
@@ -343,7 +343,7 @@ def _make_espnetv2(weights: Optional[str] = None, device: str = "auto",
 def _make_espnet(weights: Optional[str] = None, device: str = "auto", **kwargs) -> SegmentationBackend:
     """Backend ``espnet``: ESPNet p=2 q=8 Cityscapes (Mehta et al., ECCV 2018); weights e.g.
     ../shared/weights/espnet_p2_q8_city_decoder.pth (or ..._encoder.pth with decoder=False)."""
-    from .espnet import make_espnet_backend  # lazy: keeps torch out of ``import semantics``
+    from vpr_localizer.segmentation.espnet import make_espnet_backend  # lazy: keeps torch out of ``import semantics``
 
     return make_espnet_backend(weights=weights, device=device, **kwargs)
 
@@ -352,7 +352,7 @@ def _make_panoptic_deeplab(weights: Optional[str] = None, device: str = "auto",
                            input_size: Tuple[int, int] = (1024, 512), **_ignored) -> SegmentationBackend:
     """Backend ``panoptic_deeplab``: Panoptic-DeepLab R-52 Cityscapes (Cheng et al., CVPR 2020);
     accuracy unverified, no weights ship with the project."""
-    from .panoptic import PanopticDeepLabBackend  # lazy: keeps torch out of ``import semantics``
+    from vpr_localizer.segmentation.panoptic import PanopticDeepLabBackend  # lazy: keeps torch out of ``import semantics``
 
     if not weights:
         raise WeightsError("segmentation backend panoptic_deeplab needs weights=... (a detectron2 "

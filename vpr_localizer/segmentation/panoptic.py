@@ -78,10 +78,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import WeightsError
-from .files import check_strict_state_dict
-from .semantics import backend_input_size, check_rgb
-from .encoder import resolve_device
+from vpr_localizer.errors import WeightsError
+from vpr_localizer.files import check_strict_state_dict
+from vpr_localizer.segmentation.classes import backend_input_size, check_rgb
+from vpr_localizer.device import resolve_device
 
 #: Number of semantic classes (Cityscapes trainIds 0..18; there is no background output).
 NUM_CLASSES = 19
@@ -791,7 +791,7 @@ def _resize_nearest(a: np.ndarray, height: int, width: int) -> np.ndarray:
 
 class PanopticDeepLabBackend:
     """Segmentation backend ``panoptic_deeplab`` (see
-    :class:`vpr_localizer.semantics.SegmentationBackend`). **Accuracy unverified** (no weights
+    :class:`vpr_localizer.segmentation.classes.SegmentationBackend`). **Accuracy unverified** (no weights
     in this environment; see the module docstring).
 
     ``backend(rgb)``: ``uint8 (H, W, 3)`` RGB -> ``uint8 (H, W)`` Cityscapes trainIds 0..18 from

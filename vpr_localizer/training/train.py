@@ -17,7 +17,7 @@ head -- it runs on a CPU.
 Data: one or more traversals of the same route under different conditions (e.g. Nordland
 summer and winter). Queries come from every traversal, the database of a query is every other
 traversal. With ``night_augmentation`` each image of the first traversal also gets a copy
-darkened by :func:`vpr_localizer.augment.simulate_night` -- a *photometric night simulation*,
+darkened by :func:`vpr_localizer.training.augment.simulate_night` -- a *photometric night simulation*,
 not the seed's GAN -- which is one more query "traversal" against the others.
 
 Split by place, never by frame: positions along the route are cut at the
@@ -43,12 +43,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .augment import simulate_night
-from .encoder import Encoder, iter_image_batches
-from .errors import DatasetError
-from .evaluate import frame_step
-from .guided import GuidedNetVLAD, StreamFeatures
-from .records import ImageRecord
+from vpr_localizer.training.augment import simulate_night
+from vpr_localizer.models.encoder import Encoder, iter_image_batches
+from vpr_localizer.errors import DatasetError
+from vpr_localizer.evaluation.evaluate import frame_step
+from vpr_localizer.models.guided import GuidedNetVLAD, StreamFeatures
+from vpr_localizer.io.records import ImageRecord
 
 LOG = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ def cache_features(encoder: Encoder, items: Sequence[_Item], seed: int, progress
                    ) -> Tuple[StreamFeatures, List[int]]:
     """Backbone (and segmentation) features of the items, float16 on CPU.
 
-    Images are decoded and resized by :func:`~vpr_localizer.encoder.iter_image_batches`
+    Images are decoded and resized by :func:`~vpr_localizer.models.encoder.iter_image_batches`
     (unreadable ones skipped with a warning); night items are then darkened by
     :func:`simulate_night`, seeded by ``seed`` and the image name.
 

@@ -17,7 +17,7 @@ from typing import Dict, Optional
 
 import yaml
 
-from .errors import DatasetError
+from vpr_localizer.errors import DatasetError
 
 
 def read_params_file(path: str) -> Dict:

@@ -17,7 +17,7 @@ Two networks, both with ``p = 2`` ESP modules at level 2 and ``q = 8`` at level 
   (tensor names prefixed ``encoder.`` for the encoder part).
 
 Output channel ``c`` is Cityscapes trainId ``c`` (0..18), channel 19 is background/ignore, as in
-:mod:`vpr_localizer.semantics`.
+:mod:`vpr_localizer.segmentation.classes`.
 
 Input convention of the pretrained weights (``test/VisualizeResults.py`` of the reference):
 BGR channel order, 0-255, minus the per-channel mean, divided by the per-channel std, then
@@ -44,10 +44,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from .encoder import resolve_device
-from .errors import WeightsError
-from .files import check_strict_state_dict, load_state_dict_file, sha256_file
-from .semantics import check_rgb
+from vpr_localizer.device import resolve_device
+from vpr_localizer.errors import WeightsError
+from vpr_localizer.files import check_strict_state_dict, load_state_dict_file, sha256_file
+from vpr_localizer.segmentation.classes import check_rgb
 
 #: Number of network outputs: 19 Cityscapes trainIds + 19 = background/ignore.
 NUM_OUTPUTS = 20
@@ -339,7 +339,7 @@ def load_espnet(path: str | os.PathLike, decoder: bool = True, device: str | tor
 # --- segmentation backend ----------------------------------------------------------------------
 
 class ESPNetBackend:
-    """Segmentation backend ``espnet`` (see :class:`vpr_localizer.semantics.SegmentationBackend`).
+    """Segmentation backend ``espnet`` (see :class:`vpr_localizer.segmentation.classes.SegmentationBackend`).
 
     ``backend(rgb)`` takes a ``uint8 (H, W, 3)`` RGB image and returns ``uint8 (H, W)`` Cityscapes
     trainIds (0..18, 19 = background/ignore):
@@ -435,6 +435,6 @@ class ESPNetBackend:
 
 
 def make_espnet_backend(weights: Optional[str] = None, device: str = "auto", **kwargs) -> ESPNetBackend:
-    """Registry factory for :func:`vpr_localizer.semantics.register_backend` (``weights`` required;
+    """Registry factory for :func:`vpr_localizer.segmentation.classes.register_backend` (``weights`` required;
     other keyword arguments go to :class:`ESPNetBackend`)."""
     return ESPNetBackend(weights, device=device, **kwargs)

@@ -12,12 +12,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .encoder import Encoder, EncodeResult
-from .errors import DatasetError
-from .geodesy import EnuDatum
-from .index import build_index
-from .map_store import Keyframe, write_map
-from .records import ImageRecord
+from vpr_localizer.models.encoder import Encoder, EncodeResult
+from vpr_localizer.errors import DatasetError
+from vpr_localizer.geodesy import EnuDatum
+from vpr_localizer.mapping.index import build_index
+from vpr_localizer.mapping.store import Keyframe, write_map
+from vpr_localizer.io.records import ImageRecord
 
 LOG = logging.getLogger(__name__)
 

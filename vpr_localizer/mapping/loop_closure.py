@@ -18,7 +18,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from .index import search
+from vpr_localizer.mapping.index import search
 
 
 @dataclass

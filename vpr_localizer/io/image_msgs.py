@@ -27,7 +27,7 @@ from typing import Dict, Tuple, Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .errors import ImageLoadError
+from vpr_localizer.errors import ImageLoadError
 
 __all__ = [
     "SUPPORTED_DECODE_ENCODINGS", "SUPPORTED_ENCODE_ENCODINGS", "DESCRIPTOR_ENCODING",

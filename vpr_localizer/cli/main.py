@@ -20,70 +20,20 @@ import os
 import sys
 from typing import Dict, List, Optional
 
-from .errors import ConfigError
+from vpr_localizer.cli.common import (add_encoder_args, default_shared_dir, encoder_config_from_args,
+                                      scenario_encoder_base)
+from vpr_localizer.errors import ConfigError
 
 LOG = logging.getLogger("vpr_localizer")
-
-
-def default_shared_dir() -> str:
-    """``$VPR_SHARED_DIR`` or ``../shared`` relative to the working directory."""
-    return os.environ.get("VPR_SHARED_DIR", os.path.join("..", "shared"))
-
-
-def add_encoder_args(p: argparse.ArgumentParser) -> None:
-    """Encoder options shared by build-map and evaluate (override the --params file)."""
-    g = p.add_argument_group("encoder")
-    g.add_argument("--params", help="ROS parameter YAML (config/*.yaml); its 'encoder' section is the base")
-    g.add_argument("--backbone", choices=["vgg16", "efficientnet_lite0"])
-    g.add_argument("--weights", help="backbone weight file (vgg16: ../shared/weights/vgg16_features_imagenet_caffe_bgr.pth)")
-    g.add_argument("--preprocessing", choices=["caffe_bgr", "torchvision", "efficientnet_lite"])
-    g.add_argument("--image-size", nargs=2, type=int, metavar=("W", "H"), help="network input size, pixels")
-    g.add_argument("--aggregator", choices=["netvlad", "gem", "gap"])
-    g.add_argument("--clusters", type=int, dest="num_clusters", help="NetVLAD K (default 64)")
-    g.add_argument("--pca-dim", type=int, help="PCA-whitening dimension, 0 = off (default 4096)")
-    g.add_argument("--pca-min-images", type=int, help="fit PCA only on maps with at least this many images")
-    g.add_argument("--batch-size", type=int)
-    g.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    g.add_argument("--checkpoint", help="trained encoder checkpoint (aggregator + PCA)")
-    g.add_argument("--static-mask", action="store_true", default=None,
-                   help="NetVLAD weighted by the segmentation's static-structure mask")
-    g.add_argument("--seg-stream", action="store_true", default=None,
-                   help="add the segmentation stream (colour-coded labels through the backbone, concatenated)")
-    g.add_argument("--attention", action="store_true", default=None, help="one spatial attention module per stream")
-    g.add_argument("--segmentation", help="segmentation backend for --static-mask/--seg-stream (e.g. espnetv2)")
-    g.add_argument("--segmentation-weights", help="that backend's weight file")
-    g.add_argument("--segmentation-size", nargs=2, type=int, metavar=("W", "H"),
-                   help="segmentation network input size, pixels (default 512 256)")
-
-
-def encoder_config_from_args(args, base: Optional[Dict] = None):
-    """EncoderConfig from --params file, scenario defaults (``base``) and explicit flags."""
-    from .encoder import EncoderConfig
-    from .params import load_params
-
-    d: Dict = dict(base or {})
-    if getattr(args, "params", None):
-        d.update(load_params(args.params).get("encoder", {}))
-    for key in ("backbone", "weights", "preprocessing", "aggregator", "num_clusters", "pca_dim",
-                "pca_min_images", "batch_size", "device", "checkpoint", "static_mask", "seg_stream",
-                "attention", "segmentation", "segmentation_weights", "segmentation_size"):
-        v = getattr(args, key, None)
-        if v is not None:
-            d[key] = v
-    if getattr(args, "image_size", None):
-        d["image_size"] = args.image_size
-    if d.get("backbone", "vgg16") != "vgg16" and "weights" in d and base and d["weights"] == base.get("weights"):
-        d.pop("weights")  # the scenario's VGG16 file does not fit another backbone
-    return EncoderConfig.from_dict(d)
 
 
 def _cmd_localize(args) -> int:
     import csv as _csv
 
-    from .localize import Localizer, LocalizerConfig, encoder_for_map
-    from .map_store import VprMap
-    from .params import load_params
-    from .records import load_records
+    from vpr_localizer.localization.localize import Localizer, LocalizerConfig, encoder_for_map
+    from vpr_localizer.mapping.store import VprMap
+    from vpr_localizer.param_files import load_params
+    from vpr_localizer.io.records import load_records
 
     vmap = VprMap.load(args.map)
     encoder = encoder_for_map(vmap, weights=args.weights, device=args.device or "auto",
@@ -113,24 +63,14 @@ def _cmd_localize(args) -> int:
     return 0
 
 
-def _scenario_encoder_base(scenario, shared: str) -> Dict:
-    """Encoder defaults of a scenario or training set: the shared VGG16 and ESPNetv2 weights, its
-    input and segmentation sizes."""
-    from .scenarios import SEGMENTATION_BACKEND, SEGMENTATION_WEIGHTS, VGG16_WEIGHTS
-
-    return {"weights": os.path.join(shared, VGG16_WEIGHTS), "image_size": list(scenario.image_size),
-            "segmentation_size": list(scenario.segmentation_size),
-            "segmentation": SEGMENTATION_BACKEND, "segmentation_weights": os.path.join(shared, SEGMENTATION_WEIGHTS)}
-
-
 def _run_scenario(name: str, args) -> Dict:
-    from .evaluate import evaluate, summary_lines
-    from .scenarios import get_scenario
+    from vpr_localizer.evaluation.evaluate import evaluate, summary_lines
+    from vpr_localizer.evaluation.scenarios import get_scenario
 
     sc = get_scenario(name)
     shared = args.shared
     datasets = os.path.join(shared, "datasets")
-    cfg = encoder_config_from_args(args, _scenario_encoder_base(sc, shared))
+    cfg = encoder_config_from_args(args, scenario_encoder_base(sc, shared))
     out = os.path.join(args.out, sc.name)
     LOG.info("scenario %s: %s", sc.name, sc.description)
     res = evaluate(sc.map.load(datasets), sc.queries.load(datasets), cfg, sc.gt, out, name=sc.name,
@@ -144,8 +84,8 @@ def _run_scenario(name: str, args) -> Dict:
 
 
 def _cmd_evaluate(args) -> int:
-    from .evaluate import GroundTruth, evaluate, summary_lines
-    from .records import load_records
+    from vpr_localizer.evaluation.evaluate import GroundTruth, evaluate, summary_lines
+    from vpr_localizer.io.records import load_records
 
     if args.scenario:
         _run_scenario(args.scenario, args)
@@ -164,8 +104,8 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from .report import results_table
-    from .scenarios import SCENARIOS
+    from vpr_localizer.evaluation.report import results_table
+    from vpr_localizer.evaluation.scenarios import SCENARIOS
 
     os.makedirs(args.out, exist_ok=True)
     if not args.ros_only:
@@ -198,12 +138,12 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from .encoder import Encoder
-    from .scenarios import get_training_set
-    from .train import TrainConfig, train_encoder
+    from vpr_localizer.models.encoder import Encoder
+    from vpr_localizer.evaluation.scenarios import get_training_set
+    from vpr_localizer.training.train import TrainConfig, train_encoder
 
     ts = get_training_set(args.training_set)
-    cfg = encoder_config_from_args(args, _scenario_encoder_base(ts, args.shared))
+    cfg = encoder_config_from_args(args, scenario_encoder_base(ts, args.shared))
     if not cfg.guided:
         raise ConfigError("train needs at least one of --static-mask, --seg-stream, --attention")
     datasets = os.path.join(args.shared, "datasets")
@@ -236,8 +176,8 @@ def _parse_remaps(items: Optional[List[str]]) -> List[tuple]:
 
 
 def _cmd_make_bag(args) -> int:
-    from .bags import make_bag
-    from .records import load_records
+    from vpr_localizer.io.bags import make_bag
+    from vpr_localizer.io.records import load_records
 
     recs = load_records(args.images, args.csv, args.gps, args.select)
     s = make_bag(recs, args.out, rate_hz=args.rate, storage=args.storage, image_topic=args.image_topic,
@@ -302,16 +242,16 @@ def _cmd_run(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from map_builder.cli import add_build_map_parser
+    from vpr_localizer.cli.build_map import add_build_map_parser
 
-    from .scenarios import SCENARIOS
+    from vpr_localizer.evaluation.scenarios import SCENARIOS
 
     p = argparse.ArgumentParser(prog="vpr-localizer", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
-    add_build_map_parser(sub, add_encoder_args)
+    add_build_map_parser(sub)
 
     q = sub.add_parser("localize", help="localise a folder of images against a map")
     q.add_argument("--map", required=True)
@@ -356,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_encoder_args(d)
     d.set_defaults(func=_cmd_demo)
 
-    from .scenarios import TRAINING_SETS
+    from vpr_localizer.evaluation.scenarios import TRAINING_SETS
 
     t = sub.add_parser("train", help="train the guided NetVLAD + attention (triplet loss, hard negatives) "
                                      "on cached backbone features")
@@ -414,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point. Returns the exit status (0 ok, 2 user error)."""
-    from .errors import VprError
+    from vpr_localizer.errors import VprError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,

@@ -5,10 +5,12 @@ import argparse
 import logging
 import os
 
+from vpr_localizer.cli.common import add_encoder_args, encoder_config_from_args
+
 LOG = logging.getLogger("vpr_localizer.build_map")
 
 
-def add_build_map_parser(sub, add_encoder_args) -> argparse.ArgumentParser:
+def add_build_map_parser(sub) -> argparse.ArgumentParser:
     """Register the ``build-map`` subcommand on an argparse subparsers object."""
     b = sub.add_parser(
         "build-map", help="build a geotagged map from images",
@@ -32,11 +34,10 @@ def add_build_map_parser(sub, add_encoder_args) -> argparse.ArgumentParser:
 
 def run_build_map(args) -> int:
     """Execute ``build-map``; returns the exit status."""
-    from vpr_localizer.cli import encoder_config_from_args
-    from vpr_localizer.encoder import Encoder
-    from vpr_localizer.mapping import build_map
-    from vpr_localizer.params import load_params
-    from vpr_localizer.records import load_records
+    from vpr_localizer.models.encoder import Encoder
+    from vpr_localizer.mapping.build import build_map
+    from vpr_localizer.param_files import load_params
+    from vpr_localizer.io.records import load_records
 
     from vpr_localizer.errors import MapError
 

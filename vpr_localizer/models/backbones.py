@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import WeightsError
-from .files import load_state_dict_file, sha256_file  # noqa: F401  (sha256_file re-exported)
+from vpr_localizer.errors import WeightsError
+from vpr_localizer.files import load_state_dict_file, sha256_file  # noqa: F401  (sha256_file re-exported)
 
 # --- preprocessing conventions -------------------------------------------------------
 

@@ -20,13 +20,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .encoder import Encoder, EncoderConfig, baseline_heads
-from .errors import DatasetError
-from .index import build_index, search
-from .localize import Localizer, LocalizerConfig
-from .map_store import VprMap
-from .mapping import encode_map, keyframes_from_records, localize_records, save_map
-from .records import ImageRecord
+from vpr_localizer.models.encoder import Encoder, EncoderConfig, baseline_heads
+from vpr_localizer.errors import DatasetError
+from vpr_localizer.mapping.index import build_index, search
+from vpr_localizer.localization.localize import Localizer, LocalizerConfig
+from vpr_localizer.mapping.store import VprMap
+from vpr_localizer.mapping.build import encode_map, keyframes_from_records, localize_records, save_map
+from vpr_localizer.io.records import ImageRecord
 
 LOG = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ def evaluate(map_records: Sequence[ImageRecord], query_records: Sequence[ImageRe
     Raises:
         DatasetError: unreadable sets or missing ground truth.
     """
-    from . import plots
+    from vpr_localizer.evaluation import plots
 
     os.makedirs(out_dir, exist_ok=True)
     t_start = time.perf_counter()

@@ -20,10 +20,10 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from .encoder import Encoder, EncoderConfig
-from .errors import FingerprintMismatchError, WeightsError
-from .index import search
-from .map_store import VprMap
+from vpr_localizer.models.encoder import Encoder, EncoderConfig
+from vpr_localizer.errors import FingerprintMismatchError, WeightsError
+from vpr_localizer.mapping.index import search
+from vpr_localizer.mapping.store import VprMap
 
 
 @dataclass
@@ -203,7 +203,7 @@ def encoder_for_map(vpr_map: VprMap, weights: Optional[str] = None, device: str 
     enc = Encoder(cfg)
     try:
         if checkpoint:
-            from .encoder import load_checkpoint
+            from vpr_localizer.models.encoder import load_checkpoint
             enc.load_checkpoint_state(load_checkpoint(checkpoint))
         else:
             enc.load_checkpoint_state(vpr_map.encoder_checkpoint)

@@ -1,0 +1,1 @@
+"""Evaluation: recall@N and errors, real-data scenarios, plots and result tables."""

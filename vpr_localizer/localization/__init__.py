@@ -1,0 +1,1 @@
+"""Localisation against a map: retrieval and pose estimation."""

@@ -1,0 +1,1 @@
+"""The map: FAISS index, map directory store, map building, loop-closure detection."""

@@ -1,0 +1,1 @@
+"""Training: triplet training of NetVLAD + attention, photometric night simulation."""
