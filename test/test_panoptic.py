@@ -1,4 +1,4 @@
-"""Panoptic-DeepLab (vpr_localizer.segmentation.panoptic): post-processing on hand-built tensors with known
+"""Panoptic-DeepLab (vpr_localizer.segmentation.panoptic; Cheng et al., CVPR 2020): post-processing on hand-built tensors with known
 answers, the network on random weights (shapes, checkpoint layout, strict loading) and the
 segmentation backend. No real Panoptic-DeepLab weights exist here, so nothing checks accuracy."""
 from __future__ import annotations
@@ -10,19 +10,19 @@ import numpy as np
 import pytest
 import torch
 
-from vpr_localizer.errors import WeightsError
-from vpr_localizer.segmentation.panoptic import (
+from vpr_localizer.errors import ImageLoadError, WeightsError
+from vpr_localizer.segmentation.base import SegmentationBackend
+from vpr_localizer.segmentation.panoptic.backend import PanopticDeepLabBackend
+from vpr_localizer.segmentation.panoptic.checkpoint import load_panoptic_deeplab
+from vpr_localizer.segmentation.panoptic.model import PanopticDeepLab
+from vpr_localizer.segmentation.panoptic.postprocess import (
     CITYSCAPES_THING_IDS,
-    PanopticDeepLab,
-    PanopticDeepLabBackend,
     find_instance_center,
     get_instance_segmentation,
     group_pixels,
-    load_panoptic_deeplab,
     merge_semantic_and_instance,
     panoptic_segmentation,
 )
-from vpr_localizer.segmentation.classes import SegmentationBackend
 
 ROAD, SIDEWALK, CAR, TRUCK = 0, 1, 13, 14
 
@@ -415,8 +415,10 @@ def test_backend_labels_are_the_semantic_argmax(backend):
     assert labels.dtype == np.uint8 and labels.shape == (48, 64)
     expected = backend.outputs(rgb)["sem_logits"][0].argmax(0).numpy()
     assert np.array_equal(labels, expected.astype(np.uint8))
-    with pytest.raises(ValueError):
+    with pytest.raises(ImageLoadError):
         backend(rgb.astype(np.float32))
+    with pytest.raises(ImageLoadError):
+        backend.segment_panoptic(rgb[..., 0])
 
 
 def test_backend_labels_at_another_size(backend):
@@ -454,3 +456,8 @@ def test_backend_panoptic_with_known_network_outputs(backend, monkeypatch):
     assert np.array_equal(labels, sem_small.repeat(2, 0).repeat(2, 1))
     pan = backend.panoptic(rgb, stuff_area=200)                     # 50 network px > 32: void
     assert np.all(pan[:8, :16] == -1) and np.all(pan[8:, :80] == ROAD * 1000)
+    # at a non-integer factor too, the panoptic path resizes exactly like backend(rgb)
+    odd = np.zeros((61, 83, 3), dtype=np.uint8)
+    labels_odd, pan_odd = backend.segment_panoptic(odd, stuff_area=100)
+    assert np.array_equal(backend(odd), labels_odd) and labels_odd.shape == pan_odd.shape == (61, 83)
+    assert np.array_equal(pan_odd // 1000, np.where(pan_odd < 0, -1, labels_odd.astype(np.int64)))

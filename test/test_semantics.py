@@ -1,12 +1,18 @@
-"""Unit tests of vpr_localizer.segmentation.classes: class table, coarse mapping, weights, palette, overlay,
-backend registry (no ROS, no data files)."""
+"""Unit tests of vpr_localizer.segmentation.classes (class table, coarse mapping, weights, palette,
+overlay), .registry (backends by name, option checking, ``none``) and .base (the network-backend
+base class: one pipeline, one RGB validator, one label resize). No ROS, no data files: the
+network backends are built from "shape-only" checkpoints (right names and shapes, no values)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
+from PIL import Image
 
+from vpr_localizer.errors import ConfigError, ImageLoadError, VprError, WeightsError
 from vpr_localizer.segmentation import classes as sem
-from vpr_localizer.errors import VprError, WeightsError
+from vpr_localizer.segmentation import registry
+from vpr_localizer.segmentation.base import SegmentationBackend, backend_input_size, resize_labels
 
 ALL_IDS = np.arange(256, dtype=np.uint8).reshape(16, 16)
 
@@ -71,7 +77,7 @@ def test_static_weight_custom_values():
 
 def test_none_backend_labels_give_uniform_weight():
     rgb = np.zeros((4, 6, 3), np.uint8)
-    labels = sem.make_backend("none")(rgb)
+    labels = registry.make_backend("none")(rgb)
     np.testing.assert_array_equal(sem.static_weight(labels), np.ones((4, 6), np.float32))
 
 
@@ -139,39 +145,71 @@ def test_overlay_rejects_bad_input():
         sem.overlay(rgb, np.zeros((3, 2), np.uint8))
     with pytest.raises(ValueError, match="alpha"):
         sem.overlay(rgb, np.zeros((2, 3), np.uint8), alpha=1.5)
-    with pytest.raises(ValueError):
+    with pytest.raises(ImageLoadError):  # the same RGB check as the backends
         sem.overlay(rgb.astype(np.float32), np.zeros((2, 3), np.uint8))
+    with pytest.raises(ImageLoadError):
+        sem.overlay(np.zeros((0, 3, 3), np.uint8), np.zeros((0, 3), np.uint8))
 
 
 def test_none_backend():
-    backend = sem.make_backend("none", weights=None, device="auto")
+    backend = registry.make_backend("none", weights=None, device="auto", input_size=(512, 256))
     assert backend.name == "none"
-    assert isinstance(backend, sem.SegmentationBackend)
+    assert isinstance(backend, registry.NoSegmentation)
     rgb = np.full((5, 7, 3), 128, np.uint8)
     labels = backend(rgb)
     assert labels.dtype == np.uint8 and labels.shape == (5, 7)
     assert (labels == 19).all()
-    assert sem.make_backend(" NONE ").name == "none"
-    with pytest.raises(ValueError):
-        backend(np.zeros((0, 4, 3), np.uint8))
-    with pytest.raises(ValueError):
-        backend(np.zeros((4, 4), np.uint8))
+    assert registry.make_backend(" NONE ").name == "none"
+
+
+def test_registry_imports_no_network_module():
+    """``none`` needs neither torch nor the networks: the registry imports them lazily."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from vpr_localizer.segmentation.registry import make_backend; "
+            "import numpy as np; make_backend('none')(np.zeros((2, 2, 3), np.uint8)); "
+            "bad = [m for m in ('torch', 'vpr_localizer.segmentation.base', 'vpr_localizer.segmentation.espnet', "
+            "'vpr_localizer.segmentation.espnetv2', 'vpr_localizer.segmentation.panoptic') if m in sys.modules]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize("name", ["espnetv2", "espnet", "panoptic_deeplab"])
-def test_espnet_backends_need_a_weight_file(name, tmp_path):
-    with pytest.raises(WeightsError, match="needs"):
-        sem.make_backend(name, device="cpu")
+def test_network_backends_need_a_weight_file(name, tmp_path):
+    with pytest.raises(WeightsError, match=f"{name} needs weights"):
+        registry.make_backend(name, device="cpu")
     missing = str(tmp_path / "missing.pth")
     with pytest.raises(WeightsError, match="missing.pth"):
-        sem.make_backend(name, weights=missing, device="cpu")
+        registry.make_backend(name, weights=missing, device="cpu")
 
 
 def test_unknown_backend_raises_weights_error_listing_known_ones():
     with pytest.raises(WeightsError, match="'deeplabv9'") as info:
-        sem.make_backend("deeplabv9")
+        registry.make_backend("deeplabv9")
     assert "none" in str(info.value) and "espnetv2" in str(info.value)
     assert isinstance(info.value, VprError)
+    assert registry.backend_names() == ("none", "espnetv2", "espnet", "panoptic_deeplab")
+
+
+@pytest.mark.parametrize("name,typo", [("none", "input_sise"), ("espnetv2", "weigths"), ("espnet", "decodr"),
+                                       ("panoptic_deeplab", "resize")])
+def test_unknown_option_raises_config_error_naming_it(name, typo, tmp_path):
+    """A typo is an error, not silently dropped (checked before any weights are read)."""
+    with pytest.raises(ConfigError) as info:
+        registry.make_backend(name, weights=str(tmp_path / "never_read.pth"), device="cpu", **{typo: 1})
+    msg = str(info.value)
+    assert repr(typo) in msg and name in msg
+    accepted = registry.backend_options(name)
+    assert set(accepted) >= {"weights", "device", "input_size"}
+    assert all(opt in msg for opt in accepted)  # the accepted ones are listed
+    assert isinstance(info.value, ValueError) and isinstance(info.value, VprError)
+
+
+def test_espnet_only_options():
+    assert registry.backend_options("espnet") == ("weights", "device", "input_size", "decoder", "resize")
+    assert registry.backend_options("espnetv2") == ("weights", "device", "input_size")
 
 
 def test_register_backend():
@@ -181,10 +219,179 @@ def test_register_backend():
         def __call__(self, rgb):
             return np.full(rgb.shape[:2], 2, np.uint8)
 
-    sem.register_backend("constant_test", lambda **kw: Constant())
+    registry.register_backend("constant_test", lambda **kw: Constant())
     try:
-        b = sem.make_backend("constant_test")
-        assert isinstance(b, sem.SegmentationBackend)
+        b = registry.make_backend("Constant_Test", anything=1)  # **kw factory: it checks its options
+        assert b.name == "constant_test"
         assert (b(np.zeros((2, 2, 3), np.uint8)) == 2).all()
+        assert registry.backend_options("constant_test") is None
     finally:
-        sem._REGISTRY.pop("constant_test", None)
+        registry._REGISTRY.pop("constant_test", None)
+
+    def strict_factory(weights=None, level=1):
+        return Constant()
+
+    registry.register_backend("strict_test", strict_factory)
+    try:
+        with pytest.raises(ConfigError, match="'levle'.*accepted: weights, level"):
+            registry.make_backend("strict_test", levle=2)
+    finally:
+        registry._REGISTRY.pop("strict_test", None)
+
+
+# --- one RGB validator for every backend ---------------------------------------------------------
+
+def _shape_only_checkpoint(model: torch.nn.Module, path):
+    """Save ``model``'s tensor names and shapes with no data (each a broadcast 0-d zero): the
+    strict loaders accept it, the backends build, nothing meaningful can be computed."""
+    torch.save({k: torch.zeros((), dtype=v.dtype).expand(v.shape) for k, v in model.state_dict().items()}, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def every_backend(tmp_path_factory):
+    from vpr_localizer.segmentation.espnet import ESPNetSegmentation
+    from vpr_localizer.segmentation.espnetv2 import ESPNetv2Segmentation
+    from vpr_localizer.segmentation.panoptic.model import PanopticDeepLab
+
+    tmp = tmp_path_factory.mktemp("shape_only")
+    with torch.device("meta"):  # no memory, no init: only names and shapes are needed
+        pdl = PanopticDeepLab()
+    files = {"espnetv2": _shape_only_checkpoint(ESPNetv2Segmentation(), tmp / "espnetv2.pth"),
+             "espnet": _shape_only_checkpoint(ESPNetSegmentation(), tmp / "espnet.pth"),
+             "panoptic_deeplab": _shape_only_checkpoint(pdl, tmp / "pdl.pth")}
+    backends = {"none": registry.make_backend("none")}
+    for name, path in files.items():
+        backends[name] = registry.make_backend(name, weights=path, device="cpu", input_size=(64, 32))
+    return backends
+
+
+INVALID_IMAGES = {
+    "float32": np.zeros((8, 8, 3), np.float32),
+    "2-D": np.zeros((8, 8), np.uint8),
+    "empty": np.zeros((0, 8, 3), np.uint8),
+    "4 channels": np.zeros((8, 8, 4), np.uint8),
+    "list": [[[0, 0, 0]]],
+}
+
+
+@pytest.mark.parametrize("bad", sorted(INVALID_IMAGES))
+@pytest.mark.parametrize("name", ["none", "espnetv2", "espnet", "panoptic_deeplab"])
+def test_invalid_image_raises_image_load_error_from_every_backend(every_backend, name, bad):
+    backend = every_backend[name]
+    assert backend.name == name
+    with pytest.raises(ImageLoadError):
+        backend(INVALID_IMAGES[bad])
+
+
+def test_network_backends_share_the_base_class(every_backend):
+    for name in ("espnetv2", "espnet", "panoptic_deeplab"):
+        b = every_backend[name]
+        assert isinstance(b, SegmentationBackend)
+        assert b.input_size == (64, 32) and b.device == torch.device("cpu") and b.weights_path.endswith(".pth")
+        assert name in repr(b) or type(b).__name__ in repr(b)
+    assert not isinstance(every_backend["none"], SegmentationBackend)
+
+
+@pytest.mark.parametrize("name,size,match", [("espnetv2", (8, 8), "at least 16x16"),
+                                             ("espnet", (100, 64), "multiples of 8"),
+                                             ("panoptic_deeplab", ("a", 3), "width, height"),
+                                             ("espnetv2", (512,), "width, height")])
+def test_bad_input_size_raises_config_error(name, size, match):
+    with pytest.raises(ConfigError, match=match):
+        registry.make_backend(name, weights="never_read.pth", device="cpu", input_size=size)
+
+
+def test_backend_input_size():
+    assert backend_input_size("x", (512.0, 256)) == (512, 256)
+    assert backend_input_size("x", [8, 16], minimum=8, multiple=8) == (8, 16)
+    with pytest.raises(ConfigError, match="x input_size"):
+        backend_input_size("x", (12, 16), multiple=8)
+
+
+# --- the base class: a subclass implements two hooks ---------------------------------------------
+
+#: 3-class label map the fake network "predicts" at its 16x16 input size.
+FAKE_SMALL = ((np.arange(16)[:, None] // 4 + np.arange(16)[None, :] // 8) % 3).astype(np.uint8)
+
+
+class _FakeBackend(SegmentationBackend):
+    """Only a name and the two hooks: logits are one-hot scores of FAKE_SMALL."""
+
+    name = "fake"
+
+    def preprocess(self, rgb):
+        self.seen_shapes.append(rgb.shape)
+        return self.image_tensor(self.resize_input(rgb))
+
+    def logits(self, x):
+        self.inference_mode.append(torch.is_inference_mode_enabled())
+        assert tuple(x.shape) == (1, 3, 16, 16) and x.dtype == torch.float32
+        return torch.nn.functional.one_hot(torch.from_numpy(FAKE_SMALL).long(), 3).permute(2, 0, 1)[None].float()
+
+
+def _fake(**kw):
+    b = _FakeBackend("unused.pth", device="cpu", input_size=(16, 16), **kw)
+    b.seen_shapes, b.inference_mode = [], []
+    return b
+
+
+def test_subclass_with_two_hooks_gives_argmax_resized_back():
+    b = _fake()
+    labels = b(np.zeros((32, 48, 3), np.uint8))  # x2 rows, x3 columns
+    assert labels.dtype == np.uint8 and labels.shape == (32, 48)
+    np.testing.assert_array_equal(labels, FAKE_SMALL.repeat(2, 0).repeat(3, 1))
+    assert b.inference_mode == [True]
+    same = b(np.zeros((16, 16, 3), np.uint8))  # already the network size: no resize
+    np.testing.assert_array_equal(same, FAKE_SMALL)
+    odd = b(np.zeros((7, 23, 3), np.uint8))  # non-integer factors: PIL's nearest neighbour
+    expected = np.asarray(Image.fromarray(FAKE_SMALL).resize((23, 7), Image.NEAREST))
+    np.testing.assert_array_equal(odd, expected)
+    assert b.seen_shapes == [(32, 48, 3), (16, 16, 3), (7, 23, 3)]
+    assert repr(b) == "_FakeBackend(weights='unused.pth', device='cpu', input_size=(16, 16))"
+
+
+def test_subclass_constructor_checks():
+    with pytest.raises(WeightsError, match="fake needs weights"):
+        _FakeBackend(None)
+    with pytest.raises(ConfigError, match="at least 16x16"):
+        _FakeBackend("unused.pth", device="cpu", input_size=(4, 4))
+    with pytest.raises(ConfigError, match="device"):
+        _FakeBackend("unused.pth", device="gpu7")
+    assert _FakeBackend("unused.pth", device="cpu").input_size == (1024, 512)  # the default
+
+
+def test_subclass_must_implement_both_hooks():
+    class NoLogits(SegmentationBackend):
+        name = "half"
+
+        def preprocess(self, rgb):
+            return torch.zeros(1, 3, 16, 16)
+
+    with pytest.raises(TypeError, match="logits"):
+        NoLogits("unused.pth", device="cpu")
+
+
+def test_bad_logits_shape_is_reported():
+    b = _fake()
+    b.logits = lambda x: torch.zeros(3, 16, 16)  # batch dimension missing
+    with pytest.raises(ValueError, match=r"\(1, C, h, w\)"):
+        b(np.zeros((16, 16, 3), np.uint8))
+
+
+@pytest.mark.parametrize("n_in,n_out", [(2, 7), (512, 640), (256, 480), (1024, 2048), (37, 53), (640, 512), (5, 1)])
+def test_resize_labels_is_pil_nearest(n_in, n_out):
+    rng = np.random.default_rng(n_in * 1000 + n_out)
+    labels = rng.integers(0, 20, (n_in, max(1, n_in // 2 + 1)), dtype=np.uint8)
+    h, w = n_out, max(1, n_out // 3 + 1)
+    expected = np.asarray(Image.fromarray(labels).resize((w, h), Image.NEAREST))
+    np.testing.assert_array_equal(resize_labels(labels, h, w), expected)
+    wide = labels.astype(np.int64) * 1000 - 1  # any dtype: the same pixels are picked
+    np.testing.assert_array_equal(resize_labels(wide, h, w), expected.astype(np.int64) * 1000 - 1)
+
+
+def test_resize_labels_rejects_bad_input():
+    with pytest.raises(ValueError):
+        resize_labels(np.zeros((0, 3), np.uint8), 2, 2)
+    with pytest.raises(ValueError):
+        resize_labels(np.zeros((2, 3), np.uint8), 0, 2)

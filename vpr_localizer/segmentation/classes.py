@@ -1,7 +1,9 @@
-"""Cityscapes semantics for place recognition (ROS-free): class table, palette, the
-static/dynamic/sky/ignore simplification, per-pixel weights, colouring and the backend registry.
+"""Cityscapes classes for place recognition (ROS-free, no torch): class table, palette, the
+static/dynamic/sky/ignore simplification, per-pixel weights and colouring.
 
-Label maps everywhere in the package are ``uint8 (H, W)`` arrays of Cityscapes **trainIds**:
+Label maps everywhere in the package are ``uint8 (H, W)`` arrays of Cityscapes **trainIds**
+(M. Cordts et al., "The Cityscapes Dataset for Semantic Urban Scene Understanding", CVPR 2016;
+trainIds and colours as in the dataset's ``cityscapesScripts/helpers/labels.py``):
 
 ====  ==============  ====  ==============
 id    class           id    class
@@ -19,32 +21,27 @@ id    class           id    class
 ====  ==============  ====  ==============
 
 ``255`` (the Cityscapes ground-truth "ignore" id) and any other value outside 0..18 are read as
-ignore too. This matches the 20-output networks of ``../shared/weights`` (index 19 =
-background/ignore).
+ignore too. Index 19 = background/ignore is the 20th output of the ESPNet (Mehta et al., ECCV
+2018) and ESPNetv2 (Mehta et al., CVPR 2019) Cityscapes networks.
 
-Class simplification (RESEARCH.md section 5): localisation does not need 19 fine classes, only
-what is *static structure* (worth describing a place by), what is a *dynamic object* (will not
-be there next time: trainIds 11-18, person..bicycle), *sky* (10) and *ignore* (19/255: no label).
-See :data:`COARSE_OF_TRAIN_ID` and :func:`static_weight`.
+Class simplification: localisation does not need 19 fine classes, only what is *static
+structure* (worth describing a place by), what is a *dynamic object* (will not be there next
+time: trainIds 11-18, person..bicycle), *sky* (10) and *ignore* (19/255: no label). See
+:data:`COARSE_OF_TRAIN_ID`, :func:`static_weight` and, for how the weights enter the
+descriptor, :mod:`vpr_localizer.models.guided`.
 
-Backends (:class:`SegmentationBackend`, :func:`make_backend`): a callable ``rgb -> labels``.
-``espnetv2`` (:mod:`.espnetv2`, Mehta et al. CVPR 2019) and ``espnet`` (:mod:`.espnet`, Mehta
-et al. ECCV 2018) are our own implementations loading the Cityscapes weights of
-``../shared/weights``; they reproduce the authors' reference label maps pixel for pixel.
-``none`` does **no segmentation**: it labels every pixel 19 (ignore), which through
-:func:`static_weight` (ignore weight 1.0) means "weight every pixel equally", i.e. the plain,
-segmentation-free pipeline. ``panoptic_deeplab`` (:mod:`.panoptic`, Cheng et al. CVPR 2020) is
-implemented and loads the official detectron2 Cityscapes checkpoint layout, but no such weights
-exist here: its accuracy is unverified.
+The backends that produce such label maps are in :mod:`vpr_localizer.segmentation.registry`
+(:func:`~vpr_localizer.segmentation.registry.make_backend`) and
+:mod:`vpr_localizer.segmentation.base`.
 """
 from __future__ import annotations
 
 import enum
-from typing import Callable, Dict, Optional, Protocol, Tuple, runtime_checkable
+from typing import Dict, Tuple
 
 import numpy as np
 
-from vpr_localizer.errors import WeightsError
+from vpr_localizer.io.image_files import validate_rgb
 
 # --- class table -------------------------------------------------------------------------------
 
@@ -55,7 +52,7 @@ IGNORE_ID = 19
 #: Cityscapes ground-truth ignore id; also read as ignore.
 IGNORE_ID_GT = 255
 
-#: trainId -> name, index 0..19 (19 = background/ignore), as in ``../shared/weights/README.md``.
+#: trainId -> name, index 0..19 (19 = background/ignore: the networks' 20th output).
 TRAIN_ID_NAMES: Tuple[str, ...] = (
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
     "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
@@ -175,7 +172,7 @@ def static_weight(labels: np.ndarray, dynamic_weight: float = 0.0, sky_weight: f
     Defaults and why:
 
     * ``dynamic_weight = 0.0``: cars and people will not be there when the place is revisited
-      (the point of the method, RESEARCH.md section 1).
+      (the point of the method).
     * ``sky_weight = 0.0``: sky pixels carry the *condition* (daylight blue, overcast grey,
       black at night, clouds, sun glare), not the place, and day-vs-night is exactly the case
       this project targets. The skyline itself is not lost: it is the edge of buildings and
@@ -244,11 +241,11 @@ def overlay(rgb: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> np.ndarr
         A new ``uint8 (H, W, 3)`` RGB array.
 
     Raises:
-        ValueError: bad arrays, sizes that differ, or ``alpha`` outside ``[0, 1]``.
+        ImageLoadError: ``rgb`` is not a non-empty ``uint8 (H, W, 3)`` array (the package's one
+            RGB check, :func:`~vpr_localizer.io.image_files.validate_rgb`).
+        ValueError: a bad label array, sizes that differ, or ``alpha`` outside ``[0, 1]``.
     """
-    if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise ValueError(f"rgb must be a uint8 (H, W, 3) array, got {getattr(rgb, 'dtype', type(rgb).__name__)} "
-                         f"{getattr(rgb, 'shape', '')}")
+    validate_rgb(rgb)
     idx = _as_label_index(labels)
     if idx.shape != rgb.shape[:2]:
         raise ValueError(f"labels {idx.shape} and image {rgb.shape[:2]} differ in size")
@@ -260,142 +257,3 @@ def overlay(rgb: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> np.ndarr
     ignore = COARSE_OF_TRAIN_ID[idx] == Coarse.IGNORE
     out[ignore] = rgb[ignore]
     return out
-
-
-# --- backends ----------------------------------------------------------------------------------
-
-@runtime_checkable
-class SegmentationBackend(Protocol):
-    """What a segmentation backend is.
-
-    Attributes:
-        name: registry name (``none``, ``espnetv2`` ...).
-
-    ``backend(rgb)`` takes a ``uint8 (H, W, 3)`` RGB image and returns ``uint8 (H, W)``
-    Cityscapes trainIds (0..18, 19 = background/ignore) of the same ``H, W`` (a backend that
-    runs at another resolution resizes its output back, nearest neighbour). It raises
-    :class:`~vpr_localizer.errors.ImageLoadError` or ``ValueError`` for an invalid image.
-    """
-
-    name: str
-
-    def __call__(self, rgb: np.ndarray) -> np.ndarray: ...
-
-
-def backend_input_size(backend: str, input_size, minimum: int = 16) -> Tuple[int, int]:
-    """Validate a segmentation backend's network input ``(width, height)`` in pixels.
-
-    Raises:
-        WeightsError: not two integers, or smaller than ``minimum`` x ``minimum``.
-    """
-    try:
-        w, h = (int(v) for v in input_size)
-    except (TypeError, ValueError) as exc:
-        raise WeightsError(f"{backend} input_size must be (width, height), got {input_size!r}") from exc
-    if w < minimum or h < minimum:
-        raise WeightsError(f"{backend} input_size must be at least {minimum}x{minimum}, got {w}x{h}")
-    return w, h
-
-
-def check_rgb(rgb: np.ndarray) -> None:
-    """Raise ValueError unless ``rgb`` is a non-empty ``uint8 (H, W, 3)`` array (backend input)."""
-    if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise ValueError(f"expected a uint8 (H, W, 3) RGB image, got {getattr(rgb, 'dtype', type(rgb).__name__)} "
-                         f"{getattr(rgb, 'shape', '')}")
-    if rgb.shape[0] == 0 or rgb.shape[1] == 0:
-        raise ValueError(f"expected an RGB image with H, W > 0, got {rgb.shape}")
-
-
-class NoSegmentation:
-    """Backend ``none``: no segmentation at all: every pixel is labelled 19 (ignore).
-
-    It exists so the node graph (and its topic interface) runs before a real network is
-    available. Its labels carry no information; with :func:`static_weight` they give uniform
-    weights, i.e. the plain pipeline.
-    """
-
-    name = "none"
-
-    def __call__(self, rgb: np.ndarray) -> np.ndarray:
-        """``uint8 (H, W, 3)`` -> ``uint8 (H, W)`` filled with 19."""
-        check_rgb(rgb)
-        return np.full(rgb.shape[:2], IGNORE_ID, dtype=np.uint8)
-
-    def __repr__(self) -> str:
-        return "NoSegmentation()"
-
-
-def _make_none(weights: Optional[str] = None, device: str = "auto", **_ignored) -> NoSegmentation:
-    return NoSegmentation()
-
-
-def _make_espnetv2(weights: Optional[str] = None, device: str = "auto",
-                   input_size: Tuple[int, int] = (1024, 512), **_ignored) -> SegmentationBackend:
-    """Backend ``espnetv2``: ESPNetv2 s=2.0 Cityscapes (Mehta et al., CVPR 2019)."""
-    from vpr_localizer.segmentation.espnetv2 import ESPNetv2Backend  # lazy: keeps torch out of ``import semantics``
-
-    if not weights:
-        raise WeightsError("segmentation backend espnetv2 needs weights=..., e.g. "
-                           "../shared/weights/espnetv2_s_2.0_city_1024x512.pth")
-    return ESPNetv2Backend(weights, device=device, input_size=tuple(input_size))
-
-
-def _make_espnet(weights: Optional[str] = None, device: str = "auto", **kwargs) -> SegmentationBackend:
-    """Backend ``espnet``: ESPNet p=2 q=8 Cityscapes (Mehta et al., ECCV 2018); weights e.g.
-    ../shared/weights/espnet_p2_q8_city_decoder.pth (or ..._encoder.pth with decoder=False)."""
-    from vpr_localizer.segmentation.espnet import make_espnet_backend  # lazy: keeps torch out of ``import semantics``
-
-    return make_espnet_backend(weights=weights, device=device, **kwargs)
-
-
-def _make_panoptic_deeplab(weights: Optional[str] = None, device: str = "auto",
-                           input_size: Tuple[int, int] = (1024, 512), **_ignored) -> SegmentationBackend:
-    """Backend ``panoptic_deeplab``: Panoptic-DeepLab R-52 Cityscapes (Cheng et al., CVPR 2020);
-    accuracy unverified, no weights ship with the project."""
-    from vpr_localizer.segmentation.panoptic import PanopticDeepLabBackend  # lazy: keeps torch out of ``import semantics``
-
-    if not weights:
-        raise WeightsError("segmentation backend panoptic_deeplab needs weights=... (a detectron2 "
-                           "Panoptic-DeepLab Cityscapes checkpoint, e.g. model_final_380d9c.pkl); "
-                           "none ships with this project")
-    return PanopticDeepLabBackend(weights, device=device, input_size=tuple(input_size))
-
-
-_REGISTRY: Dict[str, Callable[..., SegmentationBackend]] = {
-    "none": _make_none,
-    "espnetv2": _make_espnetv2,
-    "espnet": _make_espnet,
-    "panoptic_deeplab": _make_panoptic_deeplab,
-}
-
-
-def backend_names() -> Tuple[str, ...]:
-    """Every registered backend name (implemented or not)."""
-    return tuple(_REGISTRY)
-
-
-def register_backend(name: str, factory: Callable[..., SegmentationBackend]) -> None:
-    """Register (or replace) a backend factory ``factory(weights=..., device=..., **kw) -> backend``."""
-    _REGISTRY[str(name).strip().lower()] = factory
-
-
-def make_backend(name: str, **kwargs) -> SegmentationBackend:
-    """Build a segmentation backend by name.
-
-    Args:
-        name: ``none`` (no segmentation: every pixel ignore), ``espnetv2``, ``espnet`` or
-            ``panoptic_deeplab`` (case-insensitive).
-        **kwargs: backend options, e.g. ``weights`` (path) and ``device`` (``auto``, ``cpu``,
-            ``cuda``); ``none`` ignores them.
-
-    Returns:
-        A :class:`SegmentationBackend`.
-
-    Raises:
-        WeightsError: unknown name (the message lists the known ones), or a backend that is
-            not implemented yet / cannot load its weights (the message names the backend).
-    """
-    key = str(name).strip().lower()
-    if key not in _REGISTRY:
-        raise WeightsError(f"unknown segmentation backend {name!r}; known: {', '.join(_REGISTRY)}")
-    return _REGISTRY[key](**kwargs)

@@ -41,13 +41,11 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
-from vpr_localizer.device import resolve_device
-from vpr_localizer.errors import WeightsError
-from vpr_localizer.files import check_strict_state_dict, load_state_dict_file, sha256_file
-from vpr_localizer.segmentation.classes import check_rgb
+from vpr_localizer.errors import ConfigError, WeightsError
+from vpr_localizer.files import check_strict_state_dict, load_state_dict_file
+from vpr_localizer.segmentation.base import SegmentationBackend
 
 #: Number of network outputs: 19 Cityscapes trainIds + 19 = background/ignore.
 NUM_OUTPUTS = 20
@@ -338,103 +336,81 @@ def load_espnet(path: str | os.PathLike, decoder: bool = True, device: str | tor
 
 # --- segmentation backend ----------------------------------------------------------------------
 
-class ESPNetBackend:
-    """Segmentation backend ``espnet`` (see :class:`vpr_localizer.segmentation.classes.SegmentationBackend`).
+class ESPNetBackend(SegmentationBackend):
+    """Segmentation backend ``espnet``: ESPNet p = 2, q = 8 Cityscapes (Mehta et al., ECCV 2018),
+    a :class:`~vpr_localizer.segmentation.base.SegmentationBackend`.
 
     ``backend(rgb)`` takes a ``uint8 (H, W, 3)`` RGB image and returns ``uint8 (H, W)`` Cityscapes
     trainIds (0..18, 19 = background/ignore):
 
-    1. Resize to ``input_size``: ``resize="pil"`` (default) is PIL's bilinear resize of the
-       ``uint8`` RGB image (anti-aliased when reducing, result rounded to ``uint8``), exactly how
-       the reference label maps in ``../shared/weights/reference`` were made (100 % agreement);
-       ``resize="cv2"`` is ``cv2.resize``'s default ``INTER_LINEAR`` (bilinear, half-pixel
-       centres, no anti-aliasing, in float), as in the authors' ``VisualizeResults.py``
-       (98.6-99.5 % agreement with the reference). The aspect ratio is not preserved
-       (Cityscapes frames are 2:1 like 1024x512).
-    2. RGB -> BGR, ``((x - MEAN_BGR) / STD_BGR) / 255``.
-    3. The network; for ESPNet-C (``decoder=False``) the 1/8 logits are upsampled bilinearly
-       by 8 to ``input_size`` (as the authors do).
-    4. argmax over the 20 classes, then nearest-neighbour resize of the labels back to
-       ``(H, W)`` (pixel-centre aligned, ``nearest-exact``).
+    1. Resize to ``input_size`` (:meth:`preprocess`): ``resize="pil"`` (default) is PIL's
+       bilinear resize of the ``uint8`` RGB image (anti-aliased when reducing, result rounded
+       to ``uint8``), exactly how the authors' reference label maps were made (100 % pixel
+       agreement); ``resize="cv2"`` is ``cv2.resize``'s default ``INTER_LINEAR`` (bilinear,
+       half-pixel centres, no anti-aliasing, in float), as in the authors'
+       ``VisualizeResults.py`` (98.6-99.5 % agreement with the reference). The aspect ratio is
+       not preserved (Cityscapes frames are 2:1 like 1024x512).
+    2. RGB -> BGR, ``((x - MEAN_BGR) / STD_BGR) / 255`` (:meth:`preprocess`).
+    3. The network (:meth:`logits`); for ESPNet-C (``decoder=False``) the 1/8 logits are
+       upsampled bilinearly by 8 to ``input_size`` (as the authors do).
+    4. The base class's argmax over the 20 classes and nearest-neighbour resize of the labels
+       back to ``(H, W)``, under ``torch.inference_mode``.
 
     Args:
-        weights: state-dict path (``../shared/weights/espnet_p2_q8_city_decoder.pth``, or
-            ``..._encoder.pth`` with ``decoder=False``).
+        weights: state-dict path (``espnet_p2_q8_city_decoder.pth``, or ``..._encoder.pth``
+            with ``decoder=False``).
         device: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
-        input_size: network input ``(width, height)``, multiples of 8; the weights were trained
-            at the default 1024x512.
+        input_size: network input ``(width, height)``, multiples of 8 (at least 8x8); the
+            weights were trained at the default 1024x512.
         decoder: ESPNet (True) or the encoder-only ESPNet-C (False; faster, coarser).
         resize: ``"pil"`` or ``"cv2"`` (step 1).
 
     Attributes:
         name: ``"espnet"``.
-        weights_path, weights_sha256: the file loaded.
-        device: the torch device used.
+        model: :class:`ESPNetSegmentation` or :class:`ESPNetEncoder`, eval mode, on ``device``.
+        weights_path, device, input_size: see the base class.
 
     Raises:
-        WeightsError: missing or mismatching weight file (from :func:`load_espnet`).
-        ValueError: bad ``input_size``, ``device`` or ``resize``; at call time, an image that is not
-            ``uint8 (H, W, 3)`` with ``H, W > 0``.
+        WeightsError: no weight file, or a missing or mismatching one (from :func:`load_espnet`).
+        ConfigError: bad ``input_size``, ``device`` or ``resize``.
+        ImageLoadError: at call time, an image that is not a non-empty ``uint8 (H, W, 3)`` array.
     """
 
     name = "espnet"
+    default_input_size = DEFAULT_INPUT_SIZE
+    input_multiple = 8
+    min_input_side = 8
+    weights_hint = "espnet_p2_q8_city_decoder.pth (or ..._encoder.pth with decoder=False)"
 
     def __init__(self, weights: str | os.PathLike, device: str = "auto",
-                 input_size: Sequence[int] = DEFAULT_INPUT_SIZE, decoder: bool = True,
-                 resize: str = "pil"):
-        if weights is None:
-            raise WeightsError("segmentation backend espnet needs a weight file, e.g. "
-                               "../shared/weights/espnet_p2_q8_city_decoder.pth")
-        size = tuple(int(v) for v in input_size)
-        if len(size) != 2 or min(size) <= 0 or size[0] % 8 or size[1] % 8:
-            raise ValueError(f"input_size must be (width, height), positive multiples of 8, got {input_size}")
-        self.input_size: Tuple[int, int] = (size[0], size[1])
+                 input_size: Optional[Sequence[int]] = None, decoder: bool = True, resize: str = "pil"):
+        super().__init__(weights, device=device, input_size=input_size)
         if resize not in RESIZE_MODES:
-            raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)}, got {resize!r}")
+            raise ConfigError(f"espnet resize must be one of {', '.join(RESIZE_MODES)}, got {resize!r}")
         self.resize = resize
         self.decoder = bool(decoder)
-        self.device = resolve_device(device)
-        self.weights_path = os.fspath(weights)
         self.model = load_espnet(self.weights_path, decoder=self.decoder, device=self.device)
-        self.weights_sha256 = sha256_file(self.weights_path)
         self._mean = torch.tensor(MEAN_BGR, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(STD_BGR, device=self.device).view(1, 3, 1, 1)
 
     def preprocess(self, rgb: np.ndarray) -> torch.Tensor:
-        """``uint8 (H, W, 3)`` RGB -> ``float32 (1, 3, h, w)`` BGR network input at ``input_size``."""
-        check_rgb(rgb)
+        """``uint8 (H, W, 3)`` RGB -> ``float32 (1, 3, h, w)`` BGR network input at ``input_size``
+        (steps 1-2)."""
         w, h = self.input_size
-        if self.resize == "pil" and rgb.shape[:2] != (h, w):
-            rgb = np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).resize((w, h), Image.BILINEAR))
-        x = torch.from_numpy(np.ascontiguousarray(rgb[:, :, ::-1])).to(self.device)  # BGR, a copy
-        x = x.permute(2, 0, 1).unsqueeze(0).float()
+        if self.resize == "pil":
+            rgb = self.resize_input(rgb)
+        x = self.image_tensor(np.ascontiguousarray(rgb[:, :, ::-1]))  # BGR, a copy
         if x.shape[-2:] != (h, w):  # resize == "cv2"
             x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=False)
         return (x - self._mean) / self._std / 255.0
 
-    @torch.inference_mode()
-    def logits(self, rgb: np.ndarray) -> torch.Tensor:
-        """``uint8 (H, W, 3)`` RGB -> ``float32 (1, 20, h, w)`` logits at ``input_size`` (ESPNet-C's
-        1/8 output already upsampled)."""
-        out = self.model(self.preprocess(rgb))
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """``float32 (1, 3, h, w)`` from :meth:`preprocess` -> ``float32 (1, 20, h, w)`` logits at
+        ``input_size`` (ESPNet-C's 1/8 output upsampled bilinearly by 8)."""
+        out = self.model(x)
         if not self.decoder:
             out = F.interpolate(out, scale_factor=8, mode="bilinear", align_corners=False)
         return out
 
-    @torch.inference_mode()
-    def __call__(self, rgb: np.ndarray) -> np.ndarray:
-        """``uint8 (H, W, 3)`` RGB -> ``uint8 (H, W)`` trainIds (0..19)."""
-        labels = self.logits(rgb).argmax(1, keepdim=True).to(torch.uint8).cpu()
-        if labels.shape[-2:] != rgb.shape[:2]:
-            labels = F.interpolate(labels, size=rgb.shape[:2], mode="nearest-exact")
-        return labels[0, 0].numpy()
-
-    def __repr__(self) -> str:
-        return (f"ESPNetBackend(weights={self.weights_path!r}, device={str(self.device)!r}, "
-                f"input_size={self.input_size}, decoder={self.decoder}, resize={self.resize!r})")
-
-
-def make_espnet_backend(weights: Optional[str] = None, device: str = "auto", **kwargs) -> ESPNetBackend:
-    """Registry factory for :func:`vpr_localizer.segmentation.classes.register_backend` (``weights`` required;
-    other keyword arguments go to :class:`ESPNetBackend`)."""
-    return ESPNetBackend(weights, device=device, **kwargs)
+    def _repr_options(self) -> Dict[str, object]:
+        return {"decoder": self.decoder, "resize": self.resize}

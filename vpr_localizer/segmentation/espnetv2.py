@@ -47,7 +47,7 @@ from torch import nn
 from vpr_localizer.device import resolve_device
 from vpr_localizer.errors import WeightsError
 from vpr_localizer.files import check_strict_state_dict, load_state_dict_file
-from vpr_localizer.segmentation.classes import backend_input_size, check_rgb
+from vpr_localizer.segmentation.base import SegmentationBackend
 
 #: Number of network outputs (19 Cityscapes train classes + background/ignore).
 NUM_OUTPUTS = 20
@@ -392,70 +392,52 @@ def load_espnetv2(path: str | os.PathLike, device: str | torch.device = "cpu") -
 
 # --- segmentation backend -----------------------------------------------------------------------
 
-class ESPNetv2Backend:
-    """Segmentation backend ``espnetv2`` (see :class:`vpr_localizer.segmentation.classes.SegmentationBackend`).
+class ESPNetv2Backend(SegmentationBackend):
+    """Segmentation backend ``espnetv2``: ESPNetv2 s = 2.0 Cityscapes (Mehta et al., CVPR 2019),
+    a :class:`~vpr_localizer.segmentation.base.SegmentationBackend`.
 
     ``backend(rgb)``: ``uint8 (H, W, 3)`` RGB -> ``uint8 (H, W)`` Cityscapes trainIds (0..18,
     19 = background/ignore). Steps, as the authors' ``test_segmentation.py``: resize to
     ``input_size`` with PIL bilinear (skipped when already that size), ``/ 255``, ImageNet
-    mean/std, network, argmax over the 20 classes, labels resized back to ``(W, H)`` with
-    nearest neighbour. One image per call, under ``torch.no_grad``.
+    mean/std (:meth:`preprocess`), the network (:meth:`logits`), then the base class's argmax
+    over the 20 classes and nearest-neighbour resize of the labels back to ``(H, W)``.
+    One image per call, under ``torch.inference_mode``.
 
     Args:
         weights: path of ``espnetv2_s_2.0_city_1024x512.pth`` (required; ``None`` raises).
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda[:N]``.
-        input_size: network input ``(width, height)`` in pixels; default 1024x512, the training
-            size. Smaller (e.g. 512x256) is faster but less accurate; multiples of 16.
+        input_size: network input ``(width, height)`` in pixels, at least 16x16; default
+            1024x512, the training size. Smaller (e.g. 512x256) is faster but less accurate;
+            multiples of 16 are best (other sizes work: the skips are resampled to match).
+
+    Attributes:
+        model: the :class:`ESPNetv2Segmentation` in eval mode on ``device``.
+        weights_path, device, input_size: see the base class.
 
     Raises:
-        WeightsError: see :func:`load_espnetv2`; also for an invalid ``input_size``.
+        WeightsError: no weight file, or see :func:`load_espnetv2`.
+        ConfigError: invalid ``input_size`` or ``device``.
+        ImageLoadError: at call time, an image that is not a non-empty ``uint8 (H, W, 3)`` array.
     """
 
     name = "espnetv2"
+    default_input_size = DEFAULT_INPUT_SIZE
+    weights_hint = "espnetv2_s_2.0_city_1024x512.pth (the authors' Cityscapes checkpoint)"
 
-    def __init__(self, weights: str, device: str = "auto", input_size: Tuple[int, int] = DEFAULT_INPUT_SIZE):
-        self.input_size = backend_input_size("espnetv2", input_size)
-        self.device = resolve_device(device)
-        self.model = load_espnetv2(weights, self.device)
-        self.weights = os.fspath(weights)
+    def __init__(self, weights: str | os.PathLike, device: str = "auto",
+                 input_size: Optional[Sequence[int]] = None):
+        super().__init__(weights, device=device, input_size=input_size)
+        self.model = load_espnetv2(self.weights_path, self.device)
         self._mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
 
     def preprocess(self, rgb: np.ndarray) -> torch.Tensor:
-        """``uint8 (H, W, 3)`` RGB -> float32 ``(1, 3, h, w)`` network input at ``input_size``."""
-        from PIL import Image
-
-        w, h = self.input_size
-        if rgb.shape[:2] != (h, w):
-            rgb = np.array(Image.fromarray(rgb).resize((w, h), Image.BILINEAR))
-        elif not (rgb.flags.c_contiguous and rgb.flags.writeable):
-            rgb = np.array(rgb)  # torch wants a writable, contiguous buffer
-        x = torch.from_numpy(rgb).to(self.device)
-        x = x.permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
+        """``uint8 (H, W, 3)`` RGB -> ``float32 (1, 3, h, w)`` network input at ``input_size``
+        (RGB, ``/ 255``, ImageNet mean/std)."""
+        x = self.image_tensor(self.resize_input(rgb)).div_(255.0)
         return (x - self._mean) / self._std
 
-    @torch.no_grad()
-    def logits(self, rgb: np.ndarray) -> torch.Tensor:
-        """``uint8 (H, W, 3)`` RGB -> float32 logits ``(1, 20, h, w)`` at ``input_size`` (on the device)."""
-        check_rgb(rgb)
-        return self.model(self.preprocess(rgb))
-
-    @torch.no_grad()
-    def __call__(self, rgb: np.ndarray) -> np.ndarray:
-        """``uint8 (H, W, 3)`` RGB -> ``uint8 (H, W)`` trainIds 0..19.
-
-        Raises:
-            ValueError: not a non-empty ``uint8 (H, W, 3)`` array.
-        """
-        from PIL import Image
-
-        labels = self.logits(rgb)[0].argmax(0).to(torch.uint8).cpu().numpy()
-        H, W = rgb.shape[:2]
-        if labels.shape != (H, W):
-            labels = np.array(Image.fromarray(labels).resize((W, H), Image.NEAREST))
-        return labels
-
-    def __repr__(self) -> str:
-        return f"ESPNetv2Backend(weights={self.weights!r}, device={str(self.device)!r}, input_size={self.input_size})"
-
-
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """``float32 (1, 3, h, w)`` from :meth:`preprocess` -> ``float32 (1, 20, h, w)`` logits
+        (on the device)."""
+        return self.model(x)
