@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from benchmarks.bench_common import peak_rss_mb, write_results  # noqa: E402
 from vpr_localizer.models.aggregation import GeM, GlobalAvgPool, NetVLAD  # noqa: E402
-from vpr_localizer.models.backbones import build_backbone  # noqa: E402
+from vpr_localizer.models.registry import build_backbone  # noqa: E402
 from vpr_localizer.device import resolve_device  # noqa: E402
 from vpr_localizer.io.image_files import load_image, resize_image  # noqa: E402
 

@@ -27,7 +27,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from benchmarks.bench_common import peak_rss_mb, write_results  # noqa: E402
-from vpr_localizer.models.encoder import Encoder, EncoderConfig  # noqa: E402
+from vpr_localizer.models.config import EncoderConfig  # noqa: E402
+from vpr_localizer.models.encoder import Encoder  # noqa: E402
 from vpr_localizer.io.image_files import load_image  # noqa: E402
 
 CONFIGS = (

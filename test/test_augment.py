@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from vpr_localizer.errors import ImageLoadError
 from vpr_localizer.training import augment as aug
 
 from conftest import require_file
@@ -145,9 +146,9 @@ def test_random_photometric_is_mild_and_deterministic(day_image):
 
 def test_rejects_bad_arguments(day_image):
     rng = np.random.default_rng(0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ImageLoadError):
         aug.simulate_night(day_image.astype(np.float32), rng)
-    with pytest.raises(ValueError):
+    with pytest.raises(ImageLoadError):
         aug.simulate_night(day_image[..., :2], rng)
     with pytest.raises(TypeError):
         aug.simulate_night(day_image, np.random.RandomState(0))

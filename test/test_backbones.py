@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from vpr_localizer.models.backbones import PREPROCESSING, build_backbone, feature_map_size
+from vpr_localizer.models.backbones import PREPROCESSING, feature_map_size
+from vpr_localizer.models.registry import build_backbone
 from vpr_localizer.errors import VprError, WeightsError
 
 VGG_FILE = "vgg16_features_imagenet_caffe_bgr.pth"

@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from vpr_localizer.models.encoder import Encoder, EncoderConfig, load_checkpoint
+from vpr_localizer.models.checkpoint import load_checkpoint
+from vpr_localizer.models.config import EncoderConfig
+from vpr_localizer.models.encoder import Encoder
 from vpr_localizer.errors import ImageLoadError, WeightsError
 from vpr_localizer.io.image_files import load_image
 
@@ -21,11 +23,8 @@ def lund_paths(datasets_dir):
 
 
 @pytest.fixture(scope="module")
-def vgg_weights(weights_dir):
-    p = weights_dir / "vgg16_features_imagenet_caffe_bgr.pth"
-    if not p.is_file():
-        pytest.fail(f"missing {p}")
-    return str(p)
+def vgg_weights(vgg_path):
+    return str(vgg_path)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +56,7 @@ def test_checkpoint_round_trip(fitted, vgg_weights, lund_paths, tmp_path):
     path = str(tmp_path / "enc.pt")
     enc.save_checkpoint(path)
     ckpt = load_checkpoint(path)  # weights_only=True
-    assert ckpt["format"] == "vpr_localizer.models.encoder" and ckpt["fingerprint"] == enc.fingerprint()
+    assert ckpt["format"] == "vpr_localizer.encoder" and ckpt["fingerprint"] == enc.fingerprint()
     enc2 = Encoder(EncoderConfig(weights=vgg_weights, image_size=SIZE, num_clusters=8, device="cpu",
                                  checkpoint=path))
     assert enc2.fingerprint() == enc.fingerprint()

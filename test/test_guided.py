@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from vpr_localizer.models.aggregation import NetVLAD
-from vpr_localizer.models.encoder import Encoder, EncoderConfig
+from vpr_localizer.models.config import EncoderConfig
+from vpr_localizer.models.encoder import Encoder
 from vpr_localizer.errors import ConfigError, WeightsError
 from vpr_localizer.files import sha256_file
 from vpr_localizer.models.guided import MIN_STATIC_FRACTION, GuidedNetVLAD, StreamFeatures, static_feature_weights

@@ -21,9 +21,11 @@ import numpy as np
 import pytest
 import torch
 
-from vpr_localizer.models.backbones import build_backbone
+from vpr_localizer.models.registry import build_backbone
 from vpr_localizer.cli.main import main
-from vpr_localizer.models.encoder import Encoder, EncoderConfig, load_checkpoint
+from vpr_localizer.models.checkpoint import load_checkpoint
+from vpr_localizer.models.config import EncoderConfig
+from vpr_localizer.models.encoder import Encoder
 from vpr_localizer.errors import DatasetError, WeightsError
 from vpr_localizer.models.guided import GuidedNetVLAD
 from vpr_localizer.io.image_files import load_image
@@ -331,18 +333,16 @@ def test_training_run_outputs_and_report(trained):
     assert [e["epoch"] for e in report.epochs] == list(range(RUN_CFG.epochs + 1))
     assert report.epochs[0]["loss"] is None and report.epochs[0]["triplets"] == 0
     for e in report.epochs:
-        assert 0.0 <= e["val_recall@1"] <= 1.0
         assert e["val_queries"] == 18  # the winter validation images (not the night copies)
-        assert e["val_hits"] == round(e["val_recall@1"] * e["val_queries"])
+        assert e["val_recall@1"] == e["val_hits"] / 18
     for e in report.epochs[1:]:
         assert math.isfinite(e["loss"]) and e["loss"] > 0.0, e
         # every training query has positives (other traversals at its place) and negatives
         assert e["triplets"] == report.train_items
     recalls = [e["val_recall@1"] for e in report.epochs]
     best = report.best_epoch
-    assert 0 <= best <= RUN_CFG.epochs
+    # the first epoch with the best validation recall is kept
     assert recalls[best] == max(recalls) and all(r < recalls[best] for r in recalls[:best])
-    assert report.cache_seconds > 0 and report.train_seconds > 0
 
 
 def test_training_keeps_best_epoch_parameters(trained, vgg_path, backbone):
@@ -444,7 +444,8 @@ def test_training_is_deterministic(vgg_path, backbone, datasets_dir, tmp_path, m
     assert ra.train_items == rb.train_items == 18 * 2
     assert ra.epochs == rb.epochs  # losses, triplet counts, validation recalls and hits
     assert [e["val_recall@1"] for e in ra.epochs] == [e["val_recall@1"] for e in rb.epochs]
-    assert ra.epochs[1]["triplets"] > 0 and math.isfinite(ra.epochs[1]["loss"])
+    # every training query (both traversals) has a positive and negatives
+    assert ra.epochs[1]["triplets"] == ra.train_items and math.isfinite(ra.epochs[1]["loss"])
     sa, sb = ea.aggregator.state_dict(), eb.aggregator.state_dict()
     assert set(sa) == set(sb)
     for k in sa:
@@ -467,7 +468,7 @@ def test_training_all_guidance_switches(vgg_path, backbone, datasets_dir, weight
     assert rep.train_items == 11 * 3 and rep.val_items == 6 * 2  # no night copies in validation
     assert len(rep.epochs) == 2 and rep.epochs[1]["triplets"] == rep.train_items
     assert math.isfinite(rep.epochs[1]["loss"]) and rep.epochs[1]["loss"] > 0
-    assert all(0.0 <= e["val_recall@1"] <= 1.0 and e["val_queries"] == 6 for e in rep.epochs)
+    assert all(e["val_queries"] == 6 and e["val_recall@1"] == e["val_hits"] / 6 for e in rep.epochs)
     head = enc.aggregator
     assert head.seg_vlad is not None and head.seg_attention is not None and head.static_mask
 

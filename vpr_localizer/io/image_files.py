@@ -8,7 +8,8 @@ from __future__ import annotations
 import logging
 import os
 from fractions import Fraction
-from typing import Optional, Tuple
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import piexif
@@ -133,3 +134,43 @@ def read_exif_gps(path: str | os.PathLike) -> Optional[Tuple[float, float, Optio
         except (ValueError, TypeError):
             alt = None
     return lat, lon, alt
+
+
+def iter_image_batches(paths: Sequence[str], size_wh: Tuple[int, int], batch_size: int,
+                       on_skip: Optional[Callable[[str, str], None]] = None
+                       ) -> Iterator[Tuple[List[int], np.ndarray]]:
+    """Decode and resize images in batches, skipping unreadable ones.
+
+    A background thread decodes the next batch while the caller runs the network.
+
+    Args:
+        paths: image files.
+        size_wh: output (width, height), pixels.
+        batch_size: images per batch.
+        on_skip: called with (path, reason) for each unreadable image; it is also logged
+            as a warning naming the file.
+
+    Yields:
+        ``(indices, images)``: indices into ``paths``; ``uint8`` ``(B, H, W, 3)`` RGB.
+    """
+
+    def load_batch(start: int):
+        idx, imgs = [], []
+        for i in range(start, min(start + batch_size, len(paths))):
+            try:
+                imgs.append(resize_image(load_image(paths[i]), size_wh))
+                idx.append(i)
+            except ImageLoadError as exc:
+                LOG.warning("skipping image: %s", exc)
+                if on_skip is not None:
+                    on_skip(paths[i], str(exc))
+        return idx, imgs
+
+    starts = list(range(0, len(paths), batch_size))
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        future = pool.submit(load_batch, starts[0]) if starts else None
+        for n, _ in enumerate(starts):
+            idx, imgs = future.result()
+            future = pool.submit(load_batch, starts[n + 1]) if n + 1 < len(starts) else None
+            if idx:
+                yield idx, np.stack(imgs)

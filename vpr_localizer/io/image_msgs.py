@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from vpr_localizer.errors import ImageLoadError
+from vpr_localizer.io.image_files import validate_rgb
 
 __all__ = [
     "SUPPORTED_DECODE_ENCODINGS", "SUPPORTED_ENCODE_ENCODINGS", "DESCRIPTOR_ENCODING",
@@ -159,14 +160,6 @@ def rgb_to_luma(rgb: np.ndarray) -> np.ndarray:
     return y.astype(np.uint8)
 
 
-def _validate_rgb(rgb: np.ndarray) -> None:
-    if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8:
-        raise ImageLoadError(f"expected a uint8 RGB array, got {type(rgb).__name__} "
-                             f"{getattr(rgb, 'dtype', '')}")
-    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.shape[0] == 0 or rgb.shape[1] == 0:
-        raise ImageLoadError(f"expected an RGB image of shape (H, W, 3) with H, W > 0, got {rgb.shape}")
-
-
 def rgb_to_image_fields(rgb: np.ndarray, encoding: str = "rgb8") -> dict:
     """Encode an RGB array as the fields of a ``sensor_msgs/Image`` (header excluded).
 
@@ -183,7 +176,7 @@ def rgb_to_image_fields(rgb: np.ndarray, encoding: str = "rgb8") -> dict:
         ImageLoadError: ``rgb`` is not a non-empty ``uint8`` ``(H, W, 3)`` array, or the
             encoding is not one of the supported ones.
     """
-    _validate_rgb(rgb)
+    validate_rgb(rgb)
     enc = str(encoding).strip().lower()
     if enc == "rgb8":
         pix = rgb
@@ -339,7 +332,7 @@ def rgb_to_compressed(rgb: np.ndarray, fmt: str = "jpeg", quality: int = 90) -> 
     Raises:
         ImageLoadError: invalid array, unknown format or quality out of range.
     """
-    _validate_rgb(rgb)
+    validate_rgb(rgb)
     key = str(fmt).strip().lower()
     if key not in _COMPRESSED_FORMATS:
         raise ImageLoadError(f"unsupported compressed format {fmt!r}; supported: jpeg, png")

@@ -12,7 +12,7 @@ All aggregators take ``(B, D, H, W)`` float32 features (D local-feature dims) an
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -88,6 +88,18 @@ class NetVLAD(nn.Module):
         self.centroids.copy_(ct)
         self.conv.weight.copy_((2.0 * self.alpha * ct).unsqueeze(-1).unsqueeze(-1))
         self.conv.bias.copy_(-self.alpha * ct.pow(2).sum(dim=1))
+
+    def kmeans_targets(self) -> List[Tuple[str, "NetVLAD"]]:
+        """The NetVLAD layers to initialise by k-means, per stream: ``[("image", self)]``."""
+        return [("image", self)]
+
+    def extra_state(self) -> Dict[str, float]:
+        """Checkpoint numbers beside the state dict: ``{"alpha": alpha}``."""
+        return {"alpha": float(self.alpha)}
+
+    def load_extra_state(self, extra: Dict[str, float]) -> None:
+        """Inverse of :meth:`extra_state` (a missing key keeps the current value)."""
+        self.alpha = float(extra.get("alpha", self.alpha))
 
     def soft_assignment(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, D, H, W)`` (already input-normalised) -> ``(B, K, H, W)`` soft assignment."""

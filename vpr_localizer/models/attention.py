@@ -1,4 +1,5 @@
-"""Spatial attention on backbone features (the seed method, RESEARCH.md section 1).
+"""Spatial attention on backbone features (the seed method: segmentation +
+attention on Patch-NetVLAD; README, "The seed method").
 
 Source: the seed paper's attention module, "kept tiny for real time: average pooling, then 2x2
 max pooling, then a 3x3 convolution, then a sigmoid; the resulting spatial weight map multiplies

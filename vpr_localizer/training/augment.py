@@ -1,6 +1,6 @@
 """Photometric image augmentation: a hand-made day-to-night *simulation* and mild day jitter.
 
-The seed method (RESEARCH.md section 1) trains with night images made from day images by a
+The seed method (segmentation + attention on Patch-NetVLAD; README, "The seed method") trains with night images made from day images by a
 day-to-night GAN (AU-GAN). We do not have that GAN. :func:`simulate_night` is a **photometric
 simulation**, not a GAN and not a learned model: it changes how the same scene is lit and
 recorded (exposure, tone curve, light colour, light sources, optics, sensor noise) but it
@@ -33,6 +33,8 @@ from typing import Optional, Tuple
 
 import numpy as np
 from PIL import Image
+
+from vpr_localizer.io.image_files import validate_rgb
 
 #: Encoding exponent used to go between encoded values and linear light (sRGB ~ 2.2).
 ENCODING_GAMMA = 2.2
@@ -74,13 +76,6 @@ _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
 # --- helpers -------------------------------------------------------------------------------------
-
-def _check_rgb(rgb: np.ndarray) -> None:
-    if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3 \
-            or rgb.shape[0] < 1 or rgb.shape[1] < 1:
-        raise ValueError("expected a uint8 RGB image of shape (H, W, 3), got "
-                         f"{getattr(rgb, 'dtype', type(rgb).__name__)} {getattr(rgb, 'shape', '')}")
-
 
 def _check_args(rng: np.random.Generator, strength: float) -> float:
     if not isinstance(rng, np.random.Generator):
@@ -337,9 +332,10 @@ def simulate_night(rgb: np.ndarray, rng: np.random.Generator, strength: float = 
         ``uint8 (H, W, 3)`` RGB.
 
     Raises:
-        ValueError: bad image, strength or light. TypeError: ``rng`` is not a Generator.
+        ImageLoadError: not a non-empty uint8 (H, W, 3) image. ValueError: bad strength or light.
+        TypeError: ``rng`` is not a Generator.
     """
-    _check_rgb(rgb)
+    validate_rgb(rgb)
     s = _check_args(rng, strength)
     x = darken(to_float(rgb), rng, s)
     lin = to_linear(x)
@@ -370,7 +366,7 @@ def random_photometric(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     Raises:
         ValueError: bad image. TypeError: ``rng`` is not a Generator.
     """
-    _check_rgb(rgb)
+    validate_rgb(rgb)
     _check_args(rng, 1.0)
     x = to_float(rgb)
     wb = np.array([_uniform(rng, PHOTO_WB_RANGE) for _ in range(3)], np.float32)

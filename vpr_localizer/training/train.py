@@ -44,7 +44,8 @@ import torch
 from torch import nn
 
 from vpr_localizer.training.augment import simulate_night
-from vpr_localizer.models.encoder import Encoder, iter_image_batches
+from vpr_localizer.io.image_files import iter_image_batches
+from vpr_localizer.models.encoder import Encoder
 from vpr_localizer.errors import DatasetError
 from vpr_localizer.evaluation.evaluate import frame_step
 from vpr_localizer.models.guided import GuidedNetVLAD, StreamFeatures
@@ -268,7 +269,7 @@ def train_encoder(encoder: Encoder, traversals: Sequence[Sequence[ImageRecord]],
         ValueError: the encoder is not a guided NetVLAD encoder.
         DatasetError: unusable training data (see :func:`split_by_place`).
     """
-    if not isinstance(encoder.aggregator, GuidedNetVLAD):
+    if not encoder.config.guided:
         raise ValueError("training needs a guided NetVLAD encoder (static_mask, seg_stream and/or attention)")
     if encoder.pca is not None:
         LOG.info("training drops the encoder's PCA (it belongs to the old NetVLAD parameters); maps fit a new one")

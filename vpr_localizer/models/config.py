@@ -1,0 +1,94 @@
+"""Encoder configuration: plain values, loadable from YAML and ROS parameters."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Dict, Optional, Tuple
+
+
+@dataclass
+class EncoderConfig:
+    """Parameters of an :class:`Encoder` (all plain values, loadable from YAML).
+
+    Attributes:
+        backbone: a registered backbone (``vgg16`` | ``efficientnet_lite0``; :mod:`vpr_localizer.models.registry`).
+        weights: backbone weight file; None = the backbone's packaged default (Lite0 only).
+        preprocessing: ``caffe_bgr`` | ``torchvision`` | ``efficientnet_lite``; None = the
+            backbone's default.
+        image_size: network input (width, height) in pixels; every image is resized to it.
+        aggregator: a registered aggregator (``netvlad`` | ``gem`` | ``gap``).
+        num_clusters: NetVLAD K.
+        pca_dim: PCA-whitening output dimension; 0 disables PCA. Capped at
+            ``num_map_images - 1``.
+        pca_min_images: PCA is fitted only on maps with at least this many images (whitening
+            estimated from a handful of descriptors is noise); smaller maps keep raw
+            descriptors and say so in the log.
+        batch_size: images per forward pass.
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:N``.
+        kmeans_max_images: images (evenly spaced over the map) sampled for NetVLAD k-means.
+        kmeans_max_features: total local features sampled for k-means (NetVLAD: 50,000).
+        kmeans_iterations: Lloyd iterations.
+        seed: random seed for the feature sample and k-means.
+        checkpoint: a trained encoder checkpoint (see :meth:`Encoder.save_checkpoint`); when
+            given, its aggregator and PCA are used and no k-means / PCA fit happens.
+        static_mask: (NetVLAD) weight local features by the segmentation's static-structure
+            mask (:mod:`vpr_localizer.models.guided`).
+        seg_stream: (NetVLAD) add the segmentation stream: the colour-coded labels through the
+            same backbone, a second NetVLAD, concatenated before PCA.
+        attention: (NetVLAD) one spatial attention module per stream (trained by
+            ``vpr-localizer train``; untrained it is a constant, i.e. neutral, map).
+        segmentation: backend that labels images when the encoder needs labels
+            (``espnetv2`` | ``espnet`` | ``panoptic_deeplab``; ``none`` = no guidance possible).
+        segmentation_weights: that backend's weight file.
+        segmentation_size: the backend's network input (width, height) in pixels.
+    """
+
+    backbone: str = "vgg16"
+    weights: Optional[str] = None
+    preprocessing: Optional[str] = None
+    image_size: Tuple[int, int] = (640, 480)
+    aggregator: str = "netvlad"
+    num_clusters: int = 64
+    pca_dim: int = 4096
+    pca_min_images: int = 100
+    batch_size: int = 8
+    device: str = "auto"
+    kmeans_max_images: int = 500
+    kmeans_max_features: int = 50000
+    kmeans_iterations: int = 25
+    seed: int = 0
+    checkpoint: Optional[str] = None
+    static_mask: bool = False
+    seg_stream: bool = False
+    attention: bool = False
+    segmentation: str = "none"
+    segmentation_weights: Optional[str] = None
+    segmentation_size: Tuple[int, int] = (512, 256)
+
+    @property
+    def guided(self) -> bool:
+        """True when NetVLAD gets any segmentation/attention guidance (:mod:`vpr_localizer.models.guided`)."""
+        return self.aggregator == "netvlad" and (self.static_mask or self.seg_stream or self.attention)
+
+    @property
+    def needs_labels(self) -> bool:
+        """True when descriptors depend on segmentation labels (static mask or segmentation stream)."""
+        return self.aggregator == "netvlad" and (self.static_mask or self.seg_stream)
+
+    @classmethod
+    def from_dict(cls, d: Dict) -> "EncoderConfig":
+        """Build from a mapping, rejecting unknown keys (typos in YAML are errors)."""
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown encoder parameter(s): {', '.join(sorted(unknown))}")
+        d = dict(d)
+        for key in ("image_size", "segmentation_size"):
+            if key in d and d[key] is not None:
+                d[key] = tuple(int(v) for v in d[key])
+        return cls(**d)
+
+    def to_dict(self) -> Dict:
+        d = asdict(self)
+        d["image_size"] = list(self.image_size)
+        d["segmentation_size"] = list(self.segmentation_size)
+        return d
