@@ -36,10 +36,11 @@ Publishes (reliable QoS, header copied from the camera image):
     received, dropped and error counts, the guidance flags (``guided``, ``static_mask``,
     ``seg_stream``, ``attention``, ``needs_labels``), frames with / without synchronised labels,
     and frames encoded with topic labels vs the encoder's own segmentation.
-Parameters (``config/lund_graph.yaml``): ``map_path`` (required), ``weights`` (backbone weight
-file; ``""`` = the one recorded in map.yaml), ``segmentation_weights`` (segmentation backend
-weight file of a guided map; ``""`` = the one recorded in map.yaml), ``device``, ``compressed``,
-``use_labels``, ``labels_wait_s``, ``publish_patch_descriptors``, ``publish_attention``.
+Parameters (:class:`AttentionParams`, ``config/lund_graph.yaml``): ``map_path`` (required),
+``weights`` (backbone weight file; ``""`` = the one recorded in map.yaml), ``segmentation_weights``
+(segmentation backend weight file of a guided map; ``""`` = the one recorded in map.yaml),
+``device``, ``compressed``, ``use_labels``, ``labels_wait_s``, ``publish_patch_descriptors``,
+``publish_attention``.
 
 A map that cannot be loaded (or an encoder that does not fit it, e.g. other segmentation
 weights) is fatal: the constructor raises :class:`MapError` / :class:`WeightsError`. A bad camera
@@ -50,29 +51,27 @@ is logged by the worker and dropped; the node keeps running. A bad label message
 from __future__ import annotations
 
 import sys
-import threading
 import time
-from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diagnostic_msgs.msg import DiagnosticArray
 from PIL import Image as PILImage
-from rclpy.node import Node
-from sensor_msgs.msg import CompressedImage, Image
+from sensor_msgs.msg import Image
 from std_msgs.msg import Header
 
 from vpr_localizer.errors import ImageLoadError, MapError
 from vpr_localizer.models.guided import StreamFeatures
-from vpr_localizer.io.image_files import resize_image
 from vpr_localizer.localization.localize import encoder_for_map
 from vpr_localizer.mapping.store import VprMap
 from vpr_ros.convert import descriptor_to_msg, image_msg_to_rgb, msg_to_labels, rgb_to_image_msg
-from vpr_ros.diagnostics import OK, WARN, diagnostics_msg
-from vpr_ros.latest import LatestFrameWorker
-from vpr_ros.qos import reliable_qos, sensor_subscription
+from vpr_ros.params import declare_params
+from vpr_ros.qos import camera_subscription, reliable_qos, sensor_subscription
+from vpr_ros.spin import spin_single_node
+from vpr_ros.stamp_sync import StampBuffer, stamp_key
+from vpr_ros.worker_node import WorkerNode
 
 NODE_NAME = "attention_node"
 LABELS_BUFFER = 16            # label messages kept for stamp matching (bounded, oldest evicted)
@@ -89,6 +88,15 @@ def _jet_lut() -> np.ndarray:
 _JET = _jet_lut()
 
 
+def _jet_image(scaled: np.ndarray, size_wh: Tuple[int, int]) -> np.ndarray:
+    """``(h, w)`` values in 0..1 -> 0..255, resized bilinearly to ``size_wh`` = (width, height)
+    pixels, colour-mapped (jet): ``uint8`` ``(height, width, 3)`` RGB."""
+    gray = np.round(255.0 * scaled).astype(np.uint8)
+    up = np.asarray(PILImage.fromarray(gray, "L").resize((int(size_wh[0]), int(size_wh[1])),
+                                                         PILImage.BILINEAR), dtype=np.uint8)
+    return _JET[up]
+
+
 def attention_heatmap(features: torch.Tensor, size_wh: Tuple[int, int]) -> np.ndarray:
     """Provisional attention map: per-location L2 norm of ``(C, h, w)`` features.
 
@@ -101,10 +109,7 @@ def attention_heatmap(features: torch.Tensor, size_wh: Tuple[int, int]) -> np.nd
     norm = torch.linalg.vector_norm(features.float(), dim=0).cpu().numpy().astype(np.float64)
     lo, hi = float(norm.min()), float(norm.max())
     scaled = (norm - lo) / (hi - lo) if hi > lo else np.zeros_like(norm)
-    gray = np.round(255.0 * scaled).astype(np.uint8)
-    up = np.asarray(PILImage.fromarray(gray, "L").resize((int(size_wh[0]), int(size_wh[1])),
-                                                         PILImage.BILINEAR), dtype=np.uint8)
-    return _JET[up]
+    return _jet_image(scaled, size_wh)
 
 
 def weight_heatmap(map_hw: np.ndarray, size_wh: Tuple[int, int]) -> np.ndarray:
@@ -128,10 +133,7 @@ def weight_heatmap(map_hw: np.ndarray, size_wh: Tuple[int, int]) -> np.ndarray:
     m = np.nan_to_num(np.clip(m, 0.0, None), nan=0.0, posinf=0.0)
     hi = float(m.max())
     scaled = m / hi if hi > 0 else np.zeros_like(m)
-    gray = np.round(255.0 * scaled).astype(np.uint8)
-    up = np.asarray(PILImage.fromarray(gray, "L").resize((int(size_wh[0]), int(size_wh[1])),
-                                                         PILImage.BILINEAR), dtype=np.uint8)
-    return _JET[up]
+    return _jet_image(scaled, size_wh)
 
 
 def patch_descriptors(features: torch.Tensor) -> np.ndarray:
@@ -141,53 +143,70 @@ def patch_descriptors(features: torch.Tensor) -> np.ndarray:
     return F.normalize(flat.float(), p=2, dim=1).cpu().numpy().astype(np.float32)
 
 
-class AttentionNode(Node):
-    """The ``attention_node`` node (see module doc)."""
+@dataclass
+class AttentionParams:
+    """Parameters of ``attention_node`` (:func:`vpr_ros.params.declare_params`).
 
-    def __init__(self, **kwargs):
-        super().__init__(NODE_NAME, **kwargs)
-        self.declare_parameter("map_path", "")
-        self.declare_parameter("weights", "")
-        self.declare_parameter("segmentation_weights", "")
-        self.declare_parameter("device", "auto")
-        self.declare_parameter("compressed", False)
-        self.declare_parameter("use_labels", False)
-        self.declare_parameter("labels_wait_s", 0.2)
-        self.declare_parameter("publish_patch_descriptors", False)
-        self.declare_parameter("publish_attention", True)
-        map_path = self.get_parameter("map_path").value
-        if not map_path:
+    Attributes:
+        map_path: map directory built with ``build-map`` (required: the encoder is rebuilt from it).
+        weights: backbone weight file; "" = the one recorded in map.yaml.
+        segmentation_weights: segmentation backend weight file of a guided map; "" = the one
+            recorded in map.yaml.
+        device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` ("" = ``auto``).
+        compressed: subscribe sensor_msgs/CompressedImage on ``image/compressed`` instead of
+            sensor_msgs/Image on ``image``.
+        use_labels: subscribe ``segmentation/labels`` and match them to the frames by stamp.
+        labels_wait_s: longest wait for the labels of a frame, s (negative counts as 0).
+        publish_patch_descriptors: publish ``vpr/patch_descriptors`` (32FC1, N x C).
+        publish_attention: publish ``vpr/attention`` (rgb8, camera image size).
+    """
+
+    map_path: str = ""
+    weights: Optional[str] = None
+    segmentation_weights: Optional[str] = None
+    device: str = "auto"
+    compressed: bool = False
+    use_labels: bool = False
+    labels_wait_s: float = 0.2
+    publish_patch_descriptors: bool = False
+    publish_attention: bool = True
+
+    def validate(self) -> None:
+        """Raises :class:`MapError` for an empty ``map_path``."""
+        if not self.map_path:
             raise MapError("parameter map_path is empty: set it to a map directory built with build-map "
                            "(the encoder is rebuilt from it)")
+
+
+class AttentionNode(WorkerNode):
+    """The ``attention_node`` node (see module doc)."""
+
+    NAME, OK_MESSAGE, BAD_INPUT = NODE_NAME, "encoding", "camera message"
+
+    def _setup(self) -> None:
+        self.params = p = declare_params(self, AttentionParams)
         t0 = time.perf_counter()
-        vmap = VprMap.load(map_path)
-        self.encoder = encoder_for_map(vmap, weights=self.get_parameter("weights").value or None,
-                                       device=self.get_parameter("device").value or "auto",
-                                       segmentation_weights=self.get_parameter("segmentation_weights").value
-                                       or None)
+        vmap = VprMap.load(p.map_path)
+        self.encoder = encoder_for_map(vmap, weights=p.weights, device=p.device or "auto",
+                                       segmentation_weights=p.segmentation_weights)
         self.map_path = vmap.path
         self.map_keyframes = len(vmap)
         del vmap  # only the encoder is needed; the index stays with the vpr_localizer node
-        self.compressed = bool(self.get_parameter("compressed").value)
-        self.use_labels = bool(self.get_parameter("use_labels").value)
-        self.labels_wait_s = max(0.0, float(self.get_parameter("labels_wait_s").value))
-        self.publish_patches = bool(self.get_parameter("publish_patch_descriptors").value)
-        self.publish_attention = bool(self.get_parameter("publish_attention").value)
+        self.compressed = p.compressed
+        self.use_labels = p.use_labels
+        self.labels_wait_s = max(0.0, p.labels_wait_s)
+        self.publish_patches = p.publish_patch_descriptors
+        self.publish_attention = p.publish_attention
         cfg = self.encoder.config
         self.needs_labels = bool(cfg.needs_labels)
         if self.needs_labels:
             _ = self.encoder.segmenter  # built now: bad weights are fatal here, not at the first frame
 
-        # labels by header stamp (bounded); the worker thread waits on _labels_cond
-        self._labels: "OrderedDict[Tuple[int, int], Image]" = OrderedDict()
-        self._labels_cond = threading.Condition()
-        self._stopping = False
-        self._last_labels_warn = -float("inf")
+        self.label_buffer: StampBuffer[Image] = StampBuffer(LABELS_BUFFER)  # by stamp; the worker waits on it
         self.labelled_frames = 0        # camera frames with a synchronised label message
         self.unlabelled_frames = 0      # ... without one (use_labels only)
         self.topic_label_frames = 0     # frames encoded with the topic's labels (encoder needs labels)
         self.self_segmented_frames = 0  # frames encoded with the encoder's own segmentation
-        self._last_bad_labels_warn = -float("inf")
         self.bad_label_msgs = 0
 
         self.pub_desc = self.create_publisher(Image, "vpr/descriptor", reliable_qos())
@@ -195,14 +214,10 @@ class AttentionNode(Node):
                             if self.publish_patches else None)
         self.pub_attention = (self.create_publisher(Image, "vpr/attention", reliable_qos())
                               if self.publish_attention else None)
-        self.pub_diag = self.create_publisher(DiagnosticArray, "diagnostics", reliable_qos())
-        self.worker = LatestFrameWorker(self._process, self.get_logger(), NODE_NAME)
-        if self.compressed:
-            sensor_subscription(self, CompressedImage, "image/compressed", self.worker.offer)
-        else:
-            sensor_subscription(self, Image, "image", self.worker.offer)
+        camera_subscription(self, self.compressed, self.start_worker().offer)
         if self.use_labels:
-            sensor_subscription(self, Image, "segmentation/labels", self._on_labels, depth=5)
+            sensor_subscription(self, Image, "segmentation/labels",
+                                lambda msg: self.label_buffer.put(stamp_key(msg.header.stamp), msg), depth=5)
         if not self.needs_labels:
             labels_info = ", labels synchronised (not used by this encoder)" if self.use_labels else ""
         elif self.use_labels:
@@ -225,36 +240,17 @@ class AttentionNode(Node):
 
     # --- labels ---------------------------------------------------------------------
 
-    def _on_labels(self, msg: Image) -> None:
-        key = (int(msg.header.stamp.sec), int(msg.header.stamp.nanosec))
-        with self._labels_cond:
-            self._labels[key] = msg
-            self._labels.move_to_end(key)
-            while len(self._labels) > LABELS_BUFFER:
-                self._labels.popitem(last=False)
-            self._labels_cond.notify_all()
-
     def _wait_labels(self, header: Header) -> Optional[Image]:
         """The label message with the camera frame's stamp, waiting up to ``labels_wait_s``."""
-        key = (int(header.stamp.sec), int(header.stamp.nanosec))
-        deadline = time.monotonic() + self.labels_wait_s
-        with self._labels_cond:
-            while key not in self._labels and not self._stopping:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._labels_cond.wait(left)
-            labels = self._labels.pop(key, None)
+        key = stamp_key(header.stamp)
+        labels = self.label_buffer.wait(key, self.labels_wait_s)
         if labels is None:
             self.unlabelled_frames += 1
-            now = time.monotonic()
-            if now - self._last_labels_warn >= LABELS_WARN_PERIOD_S:
-                self._last_labels_warn = now
-                what = (f"falling back to the encoder's own {self.encoder.config.segmentation} segmentation"
-                        if self.needs_labels else "encoding without labels")
-                self.get_logger().warning(
-                    f"no segmentation/labels with stamp {key[0]}.{key[1]:09d} within {self.labels_wait_s:.2f} s; "
-                    f"{what} ({self.unlabelled_frames} frame(s) so far)")
+            what = (f"falling back to the encoder's own {self.encoder.config.segmentation} segmentation"
+                    if self.needs_labels else "encoding without labels")
+            self.get_logger().warning(
+                f"no segmentation/labels with stamp {key[0]}.{key[1]:09d} within {self.labels_wait_s:.2f} s; "
+                f"{what} ({self.unlabelled_frames} frame(s) so far)", throttle_duration_sec=LABELS_WARN_PERIOD_S)
         else:
             self.labelled_frames += 1
         return labels
@@ -264,15 +260,12 @@ class AttentionNode(Node):
     def encode(self, rgb: np.ndarray, labels: Optional[np.ndarray] = None) -> Tuple[np.ndarray, StreamFeatures]:
         """One pass: ``(H, W, 3)`` RGB (+ ``(H', W')`` trainIds) -> (``(1, D)`` descriptor, stream features).
 
-        The descriptor equals ``encoder.encode_images([rgb], labels=[labels])``, or
-        ``encoder.encode_images([rgb])`` when ``labels`` is None (the encoder then segments the
-        image itself if it needs labels): same resize, same network, same aggregation.
-        The features are those of the batch of one (``feats.image`` is ``(1, C, h, w)``).
+        It is the encoder's own pass, :meth:`~vpr_localizer.models.encoder.Encoder.encode_batch`
+        on a batch of one (labels None: the encoder segments the image itself if it needs
+        labels). The features are those of that batch (``feats.image`` is ``(1, C, h, w)``).
         """
-        batch = np.stack([resize_image(rgb, self.encoder.config.image_size)])  # as encode_images
-        feats = self.encoder.stream_features(batch, None if labels is None else [labels])
-        desc = self.encoder.apply_pca(self.encoder.aggregate(feats))
-        return desc, feats
+        out = self.encoder.encode_batch([rgb], None if labels is None else [labels])
+        return out.descriptors, out.features
 
     def attention_image(self, feats: StreamFeatures, size_wh: Tuple[int, int]) -> np.ndarray:
         """``vpr/attention`` content: the image stream's NetVLAD weight map when the encoder has one
@@ -292,12 +285,10 @@ class AttentionNode(Node):
             return msg_to_labels(msg)
         except (ImageLoadError, ValueError) as exc:
             self.bad_label_msgs += 1
-            now = time.monotonic()
-            if now - self._last_bad_labels_warn >= LABELS_WARN_PERIOD_S:
-                self._last_bad_labels_warn = now
-                self.get_logger().warning(
-                    f"bad segmentation/labels message ({exc}); falling back to the encoder's own "
-                    f"{self.encoder.config.segmentation} segmentation ({self.bad_label_msgs} so far)")
+            self.get_logger().warning(
+                f"bad segmentation/labels message ({exc}); falling back to the encoder's own "
+                f"{self.encoder.config.segmentation} segmentation ({self.bad_label_msgs} so far)",
+                throttle_duration_sec=LABELS_WARN_PERIOD_S)
             return None
 
     def _process(self, msg) -> None:
@@ -321,12 +312,10 @@ class AttentionNode(Node):
             heat = self.attention_image(feats, (rgb.shape[1], rgb.shape[0]))
             self.pub_attention.publish(rgb_to_image_msg(heat, header))
         t4 = time.perf_counter()
-        st = self.worker.stats
         values = {"decode_ms": 1e3 * (t1 - t0), "encode_ms": 1e3 * (t3 - t2), "publish_ms": 1e3 * (t4 - t3),
                   "image_width": int(rgb.shape[1]), "image_height": int(rgb.shape[0]),
-                  "descriptor_dim": int(desc.shape[1]), "received": st.received, "dropped": st.dropped,
-                  "errors": st.errors, "guided": bool(self.encoder.config.guided), **self.guidance_flags(),
-                  "needs_labels": self.needs_labels}
+                  "descriptor_dim": int(desc.shape[1]), "guided": bool(self.encoder.config.guided),
+                  **self.guidance_flags(), "needs_labels": self.needs_labels}
         if self.use_labels:
             values.update({"labels_wait_ms": 1e3 * (t2 - t1), "labelled_frames": self.labelled_frames,
                            "unlabelled_frames": self.unlabelled_frames})
@@ -335,29 +324,15 @@ class AttentionNode(Node):
                            "topic_label_frames": self.topic_label_frames,
                            "self_segmented_frames": self.self_segmented_frames,
                            "bad_label_messages": self.bad_label_msgs})
-        self.pub_diag.publish(diagnostics_msg(
-            self.get_clock().now().to_msg(), NODE_NAME, OK if st.errors == 0 else WARN,
-            "encoding" if st.errors == 0 else f"{st.errors} bad camera message(s); last: {st.last_error}",
-            values))
+        self.publish_diagnostics(values)
 
-    def destroy_node(self):
-        # also called by rclpy's context shutdown on a node whose constructor failed half-way
-        cond = getattr(self, "_labels_cond", None)
-        if cond is not None:
-            with cond:
-                self._stopping = True
-                cond.notify_all()
-        worker = getattr(self, "worker", None)
-        if worker is not None:
-            worker.stop()
-        return super().destroy_node()
+    def _wake_worker(self) -> None:
+        self.label_buffer.close()  # a frame waiting for its labels goes on at once
 
 
 def main(argv=None) -> int:
     """Console entry point ``attention_node`` (``attention_node --ros-args --params-file F -r image:=/cam``):
     see :func:`vpr_ros.spin.spin_single_node` (fatal start-up error: one log line, status 2)."""
-    from vpr_ros.spin import spin_single_node
-
     return spin_single_node(AttentionNode, NODE_NAME, argv)
 
 

@@ -58,7 +58,8 @@ Encoder
 
 Loop closures
     :class:`~vpr_localizer.mapping.loop_closure.LoopClosureDetector` (``loop_min_age_s``,
-    ``loop_score_threshold``, ``loop_top_k``) over the keyframe descriptors. Its in-memory
+    ``loop_score_threshold``, ``loop_top_k``, and the temporal consistency check
+    ``loop_consistency_frames`` / ``loop_consistency_tolerance``) over the keyframe descriptors. Its in-memory
     ``faiss.IndexFlatIP`` *is* the map index (row i = keyframe i), so descriptors are held once.
     Candidates are also kept in ``self.loop_closures``.
 
@@ -74,33 +75,33 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from diagnostic_msgs.msg import DiagnosticArray
 from nav_msgs.msg import Odometry
-from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
-from rclpy.node import Node
-from sensor_msgs.msg import CompressedImage, Image, NavSatFix, NavSatStatus
+from sensor_msgs.msg import NavSatFix, NavSatStatus
 from std_msgs.msg import Float64MultiArray
 
-from vpr_localizer.models.encoder import Encoder, EncoderConfig, sample_feature_locations
-from vpr_localizer.errors import ConfigError, MapError, VprError, WeightsError
+from vpr_localizer.models.config import EncoderConfig
+from vpr_localizer.models.encoder import Encoder
+from vpr_localizer.models.fitting import sample_feature_locations
+from vpr_localizer.errors import ConfigError, MapError, WeightsError
 from vpr_localizer.geodesy import EnuDatum
-from vpr_localizer.io.image_files import resize_image
 from vpr_localizer.mapping.loop_closure import LoopCandidate, LoopClosureConfig, LoopClosureDetector
 from vpr_localizer.mapping.store import Keyframe, write_map
 from vpr_ros.convert import image_msg_to_rgb, stamp_to_sec
-from vpr_ros.diagnostics import OK, WARN, diagnostics_msg
-from vpr_ros.latest import LatestFrameWorker
-from vpr_ros.params import dataclass_defaults, declare_section, get_section
-from vpr_ros.qos import reliable_qos, sensor_subscription
+from vpr_ros.params import declare_params
+from vpr_ros.qos import camera_subscription, reliable_qos, sensor_subscription
+from vpr_ros.spin import spin_single_node
+from vpr_ros.worker_node import WorkerNode
 
+NODE_NAME = "map_builder"
 POSITION_SOURCES = ("fix", "odom", "none")
 
 
@@ -177,13 +178,8 @@ class LatestPositions:
         interpolates between the two newest samples when they bracket ``t``, else returns the
         nearest sample if it is at most ``max_age_s`` from ``t`` (else None).
         """
-        deadline = time.monotonic() + max(0.0, wait_s)
         with self._cond:
-            while self._last is None or self._last.stamp < t:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._cond.wait(remaining)
+            self._cond.wait_for(lambda: self._last is not None and self._last.stamp >= t, max(0.0, wait_s))
             prev, last = self._prev, self._last
         if last is None:
             return None
@@ -250,7 +246,7 @@ class NetVLADBootstrap:
                                         f"the {len(self._items)} buffered keyframe(s)")
         out = []
         for fm, item in zip(self._maps, self._items):
-            desc = enc.apply_pca(enc.aggregate(fm.to(enc.device)))[0]
+            desc = enc.describe(fm.to(enc.device))[0][0]
             out.append((desc, item))
         self._maps, self._items, self._samples = [], [], []
         return out
@@ -260,89 +256,108 @@ class NetVLADBootstrap:
 # the node
 # ----------------------------------------------------------------------------------------------
 
-#: Node parameters besides ``encoder.*`` (name -> default).
-PARAMETERS: Dict[str, Any] = {
-    "map_path": "",
-    "overwrite": False,
-    "position_source": "none",
-    "keyframe_distance": 2.0,
-    "keyframe_interval_s": 1.0,
-    "position_wait_s": 0.1,
-    "max_position_age_s": 1.0,
-    "bootstrap_keyframes": 10,
-    "flush_interval_s": 10.0,
-    "loop_min_age_s": 20.0,
-    "loop_score_threshold": 0.5,
-    "loop_top_k": 50,
-    "compressed": False,
-    "sequence": "",
-    "condition": "",
-}
-_NUMERIC = {k for k, v in PARAMETERS.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+@dataclass
+class MapBuilderParams:
+    """Parameters of the ``map_builder`` node (:func:`vpr_ros.params.declare_params`; see the module doc).
+
+    Attributes:
+        map_path: map directory to write (required).
+        overwrite: replace a map already at ``map_path`` (else that is fatal).
+        position_source: ``fix`` (NavSatFix -> local ENU) | ``odom`` (Odometry) | ``none``
+            (time-based keyframes).
+        keyframe_distance: horizontal distance between keyframes, metres (fix / odom).
+        keyframe_interval_s: header time between keyframes without a position source, s
+            (0 = every frame).
+        position_wait_s: longest wait for a position at or after a frame's stamp, s.
+        max_position_age_s: largest stamp difference to the nearest position sample, s.
+        bootstrap_keyframes: keyframes buffered for the NetVLAD k-means bootstrap (>= 1).
+        flush_interval_s: period of the map writes, s (0 = only at shutdown).
+        loop_min_age_s: loop-closure candidates only against keyframes this much older, s.
+        loop_score_threshold: minimum cosine similarity of a loop-closure candidate.
+        loop_top_k: neighbours searched per keyframe before the age filter (>= 1).
+        loop_consistency_frames: publish a loop closure only when the best matches of the
+            last this many keyframes form a consistent run (matched keyframe ids advancing
+            monotonically; Gálvez-López & Tardós, T-RO 2012); 1 = no temporal check (>= 1).
+        loop_consistency_tolerance: largest step of the matched keyframe id between
+            consecutive keyframes of a consistent run, keyframes (>= 0).
+        compressed: subscribe sensor_msgs/CompressedImage on ``image/compressed`` instead of
+            sensor_msgs/Image on ``image``.
+        sequence: ``Keyframe.sequence`` of every keyframe.
+        condition: ``Keyframe.condition`` of every keyframe.
+        encoder: ``encoder.*`` (:class:`~vpr_localizer.models.encoder.EncoderConfig`; ``pca_dim``
+            defaults to 0: live maps fit no PCA).
+    """
+
+    map_path: str = ""
+    overwrite: bool = False
+    position_source: str = "none"
+    keyframe_distance: float = 2.0
+    keyframe_interval_s: float = 1.0
+    position_wait_s: float = 0.1
+    max_position_age_s: float = 1.0
+    bootstrap_keyframes: int = 10
+    flush_interval_s: float = 10.0
+    loop_min_age_s: float = 20.0
+    loop_score_threshold: float = 0.5
+    loop_top_k: int = 50
+    loop_consistency_frames: int = 1
+    loop_consistency_tolerance: int = 2
+    compressed: bool = False
+    sequence: str = ""
+    condition: str = ""
+    encoder: EncoderConfig = field(default_factory=lambda: EncoderConfig(pca_dim=0))  # no PCA live
+
+    def validate(self) -> None:
+        """Raises :class:`MapError` (empty ``map_path``) or :class:`ConfigError` (unknown
+        ``position_source``, a negative or non-finite time / distance, a count below 1)."""
+        if not self.map_path:
+            raise MapError("parameter map_path is empty: set it to the map directory to write")
+        if self.position_source.lower() not in POSITION_SOURCES:
+            raise ConfigError(f"position_source must be one of {', '.join(POSITION_SOURCES)}, "
+                              f"got {self.position_source!r}")
+        for name in ("keyframe_distance", "keyframe_interval_s", "position_wait_s", "max_position_age_s",
+                     "loop_min_age_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
+        if self.bootstrap_keyframes < 1 or self.loop_top_k < 1 or self.loop_consistency_frames < 1:
+            raise ConfigError("bootstrap_keyframes, loop_top_k and loop_consistency_frames must be >= 1")
+        if self.loop_consistency_tolerance < 0:
+            raise ConfigError(f"loop_consistency_tolerance must be >= 0, got {self.loop_consistency_tolerance}")
 
 
-class MapBuilderNode(Node):
+class MapBuilderNode(WorkerNode):
     """The ``map_builder`` node (see module doc).
 
     Attributes of interest to tests and tools: ``keyframes`` (list of
     :class:`~vpr_localizer.mapping.store.Keyframe`), ``loop_closures`` (list of
     :class:`~vpr_localizer.mapping.loop_closure.LoopCandidate`), ``worker`` (its ``stats``),
-    ``encoder``, ``datum``, ``flushes``.
+    ``encoder``, ``datum``, ``flushes``, ``params`` (:class:`MapBuilderParams`).
     """
 
-    def __init__(self, **kwargs):
-        super().__init__("map_builder", **kwargs)
-        self._stopped = True  # nothing to stop or flush until the worker exists
-        try:
-            self._setup()
-        except BaseException:
-            self.destroy_node()  # a half-built node must not linger in the context
-            raise
+    NAME, OK_MESSAGE, BAD_INPUT = NODE_NAME, "mapping", "frame"
 
     def _setup(self) -> None:
-        for name, default in PARAMETERS.items():
-            # numbers accept int or float in YAML (``keyframe_interval_s: 0`` is fine)
-            desc = ParameterDescriptor(dynamic_typing=True) if name in _NUMERIC else None
-            self.declare_parameter(name, default, desc)
-        enc_defaults = dict(dataclass_defaults(EncoderConfig), pca_dim=0)  # no PCA live (module doc)
-        declare_section(self, "encoder", enc_defaults)
-        p = {name: self.get_parameter(name).value for name in PARAMETERS}
-        try:
-            for name in _NUMERIC:
-                p[name] = float(p[name])
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"numeric parameter expected: {exc}") from exc
-
-        self.map_path = os.path.abspath(p["map_path"]) if p["map_path"] else ""
-        if not self.map_path:
-            raise MapError("parameter map_path is empty: set it to the map directory to write")
-        if os.path.exists(self.map_path) and not p["overwrite"]:
+        self.params = p = declare_params(self, MapBuilderParams)
+        self.map_path = os.path.abspath(p.map_path)
+        if os.path.exists(self.map_path) and not p.overwrite:
             raise MapError(f"map_path {self.map_path} exists already: set overwrite: true to replace it")
-        self.position_source = str(p["position_source"]).lower()
-        if self.position_source not in POSITION_SOURCES:
-            raise ConfigError(f"position_source must be one of {', '.join(POSITION_SOURCES)}, "
-                              f"got {p['position_source']!r}")
-        for name in ("keyframe_distance", "keyframe_interval_s", "position_wait_s", "max_position_age_s",
-                     "loop_min_age_s"):
-            if not (math.isfinite(p[name]) and p[name] >= 0):
-                raise ConfigError(f"{name} must be a finite number >= 0, got {p[name]}")
-        if p["bootstrap_keyframes"] < 1 or p["loop_top_k"] < 1:
-            raise ConfigError("bootstrap_keyframes and loop_top_k must be >= 1")
-        self.keyframe_distance = p["keyframe_distance"]
-        self.keyframe_interval_s = p["keyframe_interval_s"]
-        self.position_wait_s = p["position_wait_s"]
-        self.max_position_age_s = p["max_position_age_s"]
-        self.sequence, self.condition = str(p["sequence"]), str(p["condition"])
+        self.position_source = p.position_source.lower()
+        self.keyframe_distance = p.keyframe_distance
+        self.keyframe_interval_s = p.keyframe_interval_s
+        self.position_wait_s = p.position_wait_s
+        self.max_position_age_s = p.max_position_age_s
+        self.sequence, self.condition = p.sequence, p.condition
 
-        self.encoder = self._make_encoder(get_section(self, "encoder", enc_defaults))
+        self.encoder = self._make_encoder(p.encoder)
         self.bootstrap: Optional[NetVLADBootstrap] = None
         if not self.encoder.trained:
-            self.bootstrap = NetVLADBootstrap(self.encoder, int(p["bootstrap_keyframes"]))
+            self.bootstrap = NetVLADBootstrap(self.encoder, p.bootstrap_keyframes)
             self._check_bootstrap_features()
 
         self.detector = LoopClosureDetector(self.encoder.dim, LoopClosureConfig(
-            min_age_s=p["loop_min_age_s"], score_threshold=p["loop_score_threshold"],
-            top_k=int(p["loop_top_k"])))
+            min_age_s=p.loop_min_age_s, score_threshold=p.loop_score_threshold, top_k=p.loop_top_k,
+            consistency_frames=p.loop_consistency_frames, consistency_tolerance=p.loop_consistency_tolerance))
         self.keyframes: List[Keyframe] = []
         self.loop_closures: List[LoopCandidate] = []
         self.datum: Optional[EnuDatum] = None
@@ -365,23 +380,16 @@ class MapBuilderNode(Node):
             self._freeze_encoder()
 
         self.pub_loop = self.create_publisher(Float64MultiArray, "vpr/loop_closure", reliable_qos())
-        self.pub_diag = self.create_publisher(DiagnosticArray, "diagnostics", reliable_qos())
-        self.worker = LatestFrameWorker(self._process, self.get_logger(), "map_builder")
-        self._stopped = False
-        inputs = MutuallyExclusiveCallbackGroup()
-        if p["compressed"]:
-            sensor_subscription(self, CompressedImage, "image/compressed", self._on_image,
-                                     callback_group=inputs)
-        else:
-            sensor_subscription(self, Image, "image", self._on_image, callback_group=inputs)
+        self.start_worker()
+        camera_subscription(self, p.compressed, self._on_image, callback_group=MutuallyExclusiveCallbackGroup())
         if self.position_source == "fix":
             sensor_subscription(self, NavSatFix, "fix", self._on_fix, depth=10,
                                      callback_group=MutuallyExclusiveCallbackGroup())
         elif self.position_source == "odom":
             sensor_subscription(self, Odometry, "odom", self._on_odom, depth=10,
                                      callback_group=MutuallyExclusiveCallbackGroup())
-        if p["flush_interval_s"] > 0:
-            self.create_timer(p["flush_interval_s"], self._on_flush_timer,
+        if p.flush_interval_s > 0:
+            self.create_timer(p.flush_interval_s, self._on_flush_timer,
                               callback_group=MutuallyExclusiveCallbackGroup())
         cfg = self.encoder.config
         self.get_logger().info(
@@ -390,15 +398,11 @@ class MapBuilderNode(Node):
             f"{cfg.image_size[0]}x{cfg.image_size[1]} on {self.encoder.device}, "
             f"{'checkpoint ' + cfg.checkpoint if cfg.checkpoint else ('NetVLAD bootstrap on the first ' + str(self.bootstrap.capacity) + ' keyframes' if self.bootstrap is not None else 'no fitting needed')}; "
             f"keyframes {'every ' + str(self.keyframe_distance) + ' m' if self.position_source != 'none' else 'every ' + str(self.keyframe_interval_s) + ' s'} "
-            f"(position from {self.position_source}); flush every {p['flush_interval_s']} s")
+            f"(position from {self.position_source}); flush every {p.flush_interval_s} s")
 
     # --- set-up -------------------------------------------------------------------------
 
-    def _make_encoder(self, section: Dict) -> Encoder:
-        try:
-            cfg = EncoderConfig.from_dict(section)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"encoder parameters: {exc}") from exc
+    def _make_encoder(self, cfg: EncoderConfig) -> Encoder:
         if cfg.guided:
             raise ConfigError("live map_builder runs plain NetVLAD / GeM / GAP encoders; build a "
                               "segmentation-guided map (static_mask, seg_stream, attention) offline with "
@@ -507,17 +511,14 @@ class MapBuilderNode(Node):
             self._publish_diagnostics()
             return
         t0 = time.perf_counter()
-        img = resize_image(rgb, self.encoder.config.image_size)
-        if not img.flags.writeable:  # a read-only view of the message buffer: torch wants to own it
-            img = img.copy()
-        feats = self.encoder.feature_maps(img[None])
+        feats = self.encoder.features([rgb]).image  # the encoder's pass, first half (plain NetVLAD)
         kf = Keyframe(id=-1, stamp=stamp, frame=seq, sequence=self.sequence, condition=self.condition)
         if pos is not None:
             kf = replace(kf, x=pos.x, y=pos.y, z=pos.z, qx=pos.q[0], qy=pos.q[1], qz=pos.q[2], qw=pos.q[3],
                          lat=pos.lat, lon=pos.lon, alt=pos.alt)
         with self._lock:
             if self.encoder.trained:
-                desc = self.encoder.apply_pca(self.encoder.aggregate(feats))[0]
+                desc = self.encoder.describe(feats)[0][0]
                 cands = [self._add_keyframe_locked(kf, desc)]
             else:
                 self.bootstrap.add(feats, kf)
@@ -555,22 +556,16 @@ class MapBuilderNode(Node):
                                    f"keyframe {c.match_id} (t={c.match_stamp:.2f}), score {c.score:.3f}")
 
     def _publish_diagnostics(self) -> None:
-        st = self.worker.stats
-        problems = []
-        if st.errors:
-            problems.append(f"{st.errors} bad frame(s); last: {st.last_error}")
-        if self.flush_errors:
-            problems.append(f"{self.flush_errors} failed flush(es); last: {self.last_flush_error}")
         with self._lock:
             n_kf, n_loops = len(self.keyframes), len(self.loop_closures)
             pending = len(self.bootstrap) if self.bootstrap is not None and not self.encoder.trained else 0
-        self.pub_diag.publish(diagnostics_msg(
-            self.get_clock().now().to_msg(), "map_builder", WARN if problems else OK,
-            "; ".join(problems) if problems else ("bootstrapping NetVLAD" if pending else "mapping"),
+        flush_problems = ([f"{self.flush_errors} failed flush(es); last: {self.last_flush_error}"]
+                          if self.flush_errors else [])
+        self.publish_diagnostics(
             {"keyframes": n_kf, "bootstrap_pending": pending, "loop_closures": n_loops,
-             "received": st.received, "processed": st.processed, "dropped": st.dropped, "errors": st.errors,
              "no_position": self.no_position, "encode_ms": float(self.last_encode_ms),
-             "flushes": self.flushes, "flushed_keyframes": self._flushed_count}))
+             "flushes": self.flushes, "flushed_keyframes": self._flushed_count},
+            ok_message="bootstrapping NetVLAD" if pending else None, problems=flush_problems)
 
     # --- writing the map ------------------------------------------------------------------
 
@@ -628,16 +623,12 @@ class MapBuilderNode(Node):
                                    f"({1e3 * (time.perf_counter() - t0):.0f} ms)")
             return self.map_path
 
-    def destroy_node(self):
-        """Stop the worker (finishing its frame), write what is not on disk yet, destroy."""
-        if not self._stopped:
-            self._stopped = True
-            self.worker.stop()
-            try:
-                self._flush(finish_bootstrap=True)
-            except Exception as exc:  # noqa: BLE001
-                self.get_logger().error(f"final map flush failed: {exc}")
-        return super().destroy_node()
+    def _release(self) -> None:
+        """At teardown, once the worker stopped: write what is not on disk yet (errors are logged)."""
+        try:
+            self._flush(finish_bootstrap=True)
+        except Exception as exc:  # noqa: BLE001
+            self.get_logger().error(f"final map flush failed: {exc}")
 
 
 def main(argv=None) -> int:
@@ -646,12 +637,8 @@ def main(argv=None) -> int:
 
     Returns the exit status: 0, 1 when the final flush failed, 2 on a fatal configuration error.
     """
-    from vpr_ros.spin import spin_single_node
-
-    return spin_single_node(MapBuilderNode, "map_builder", argv, num_threads=4)
+    return spin_single_node(MapBuilderNode, NODE_NAME, argv, num_threads=4)
 
 
 if __name__ == "__main__":
-    import sys
-
     sys.exit(main())

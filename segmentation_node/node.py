@@ -10,75 +10,82 @@ Publishes (reliable QoS):
     image, ignore pixels left as they are; only when ``publish_overlay``),
     ``diagnostics`` (diagnostic_msgs/DiagnosticArray: backend, per-stage latency, static /
     dynamic / sky / ignore pixel fractions, frame counters).
-Parameters: ``backend`` (``none`` | ``espnetv2`` | ``espnet`` | ``panoptic_deeplab``; default
-``none``), ``weights`` (path, ``""`` = backend default), ``device`` (``auto``/``cpu``/``cuda``),
-``compressed`` (bool), ``publish_overlay`` (bool). The overlay uses alpha 0.5 (:data:`OVERLAY_ALPHA`).
+Parameters (:class:`SegmentationParams`): ``backend`` (``none`` | ``espnetv2`` | ``espnet`` |
+``panoptic_deeplab``; default ``none``), ``weights`` (path, ``""`` = backend default), ``device``
+(``auto``/``cpu``/``cuda``), ``compressed`` (bool), ``publish_overlay`` (bool). The overlay uses
+alpha 0.5 (:data:`OVERLAY_ALPHA`).
 
 Backend ``none`` does no segmentation: every pixel is labelled 19 (ignore). It keeps the topic
 interface alive until the real backends exist; downstream it means "weight every pixel equally".
 
 An unknown or unavailable backend is fatal (the constructor raises
-:class:`~vpr_localizer.errors.WeightsError`); a bad frame is logged and dropped, and the node
-keeps running.
+:class:`~vpr_localizer.errors.WeightsError`, or :class:`~vpr_localizer.errors.ConfigError` for an
+invalid device); a bad frame (undecodable message, or an image every backend refuses with
+:class:`~vpr_localizer.errors.ImageLoadError`) is logged and dropped, and the node keeps running.
 """
 from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass
 from typing import List, Optional
 
 import numpy as np
-from diagnostic_msgs.msg import DiagnosticArray
-from rclpy.node import Node
-from sensor_msgs.msg import CompressedImage, Image
+from sensor_msgs.msg import Image
 
-from vpr_localizer.segmentation.classes import coarse_fractions, make_backend, overlay
+from vpr_localizer.segmentation.classes import coarse_fractions, overlay
+from vpr_localizer.segmentation.registry import make_backend
 from vpr_ros.convert import image_msg_to_rgb, labels_to_msg, rgb_to_image_msg
-from vpr_ros.diagnostics import OK, WARN, diagnostics_msg
-from vpr_ros.latest import LatestFrameWorker
-from vpr_ros.qos import reliable_qos, sensor_subscription
+from vpr_ros.params import declare_params
+from vpr_ros.qos import camera_subscription, reliable_qos
+from vpr_ros.spin import spin_single_node
+from vpr_ros.worker_node import WorkerNode
 
 NODE_NAME = "segmentation_node"
 OVERLAY_ALPHA = 0.5  #: opacity of the label colours in ``segmentation/overlay``
 
 
-class SegmentationNode(Node):
+@dataclass
+class SegmentationParams:
+    """Parameters of ``segmentation_node`` (:func:`vpr_ros.params.declare_params`).
+
+    Attributes:
+        backend: ``none`` | ``espnetv2`` | ``espnet`` | ``panoptic_deeplab``.
+        weights: the backend's weight file; "" = the backend's default.
+        device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``.
+        compressed: subscribe sensor_msgs/CompressedImage on ``image/compressed`` instead of
+            sensor_msgs/Image on ``image``.
+        publish_overlay: publish ``segmentation/overlay`` (rgb8, labels blended over the image).
+    """
+
+    backend: str = "none"
+    weights: Optional[str] = None
+    device: str = "auto"
+    compressed: bool = False
+    publish_overlay: bool = True
+
+
+class SegmentationNode(WorkerNode):
     """The ``segmentation_node`` node (see module doc).
 
     Raises:
-        WeightsError: unknown backend name, or a backend that is not implemented yet / cannot
-            load its weights.
+        WeightsError: unknown backend name, or a backend that cannot load its weights.
+        ConfigError: invalid ``device``.
     """
 
-    def __init__(self, **kwargs):
-        super().__init__(NODE_NAME, **kwargs)
-        self.declare_parameter("backend", "none")
-        self.declare_parameter("weights", "")
-        self.declare_parameter("device", "auto")
-        self.declare_parameter("compressed", False)
-        self.declare_parameter("publish_overlay", True)
-        name = str(self.get_parameter("backend").value)
-        weights = str(self.get_parameter("weights").value) or None
-        device = str(self.get_parameter("device").value)
-        self.compressed = bool(self.get_parameter("compressed").value)
-        self.publish_overlay = bool(self.get_parameter("publish_overlay").value)
+    NAME, OK_MESSAGE, BAD_INPUT = NODE_NAME, "segmenting", "image message"
+
+    def _setup(self) -> None:
+        self.params = p = declare_params(self, SegmentationParams)
+        self.compressed, self.publish_overlay = p.compressed, p.publish_overlay
         t0 = time.perf_counter()
-        try:
-            self.backend = make_backend(name, weights=weights, device=device)  # WeightsError: fatal
-        except BaseException:
-            super().destroy_node()  # release the node now (else the context destroys it at shutdown)
-            raise
+        self.backend = make_backend(p.backend, weights=p.weights, device=p.device)  # WeightsError: fatal
         self.pub_labels = self.create_publisher(Image, "segmentation/labels", reliable_qos())
         self.pub_overlay = (self.create_publisher(Image, "segmentation/overlay", reliable_qos())
                             if self.publish_overlay else None)
-        self.pub_diag = self.create_publisher(DiagnosticArray, "diagnostics", reliable_qos())
-        self.worker = LatestFrameWorker(self._process, self.get_logger(), NODE_NAME)
-        if self.compressed:
-            self.sub = sensor_subscription(self, CompressedImage, "image/compressed", self.worker.offer)
-        else:
-            self.sub = sensor_subscription(self, Image, "image", self.worker.offer)
+        self.sub = camera_subscription(self, self.compressed, self.start_worker().offer)
         what = ("no segmentation: every pixel labelled 19 (ignore)" if self.backend.name == "none"
-                else f"weights {weights or 'default'}, device {device}")
+                else f"weights {p.weights or 'default'}, device {p.device}")
         self.get_logger().info(
             f"backend {self.backend.name} ({what}), ready in {time.perf_counter() - t0:.2f} s; "
             f"input {self.sub.topic_name} ({'CompressedImage' if self.compressed else 'Image'})")
@@ -96,29 +103,14 @@ class SegmentationNode(Node):
         if self.pub_overlay is not None:
             self.pub_overlay.publish(rgb_to_image_msg(overlay(rgb, labels, OVERLAY_ALPHA), msg.header, "rgb8"))
         t3 = time.perf_counter()
-        st = self.worker.stats
         values = {"backend": self.backend.name, "width": rgb.shape[1], "height": rgb.shape[0],
                   "decode_ms": 1e3 * (t1 - t0), "segment_ms": 1e3 * (t2 - t1), "publish_ms": 1e3 * (t3 - t2)}
         values.update({f"{k}_fraction": v for k, v in coarse_fractions(labels).items()})
-        # the worker counts this frame as processed only after _process returns: hence + 1
-        values.update({"received": st.received, "processed": st.processed + 1, "dropped": st.dropped,
-                       "errors": st.errors})
-        self.pub_diag.publish(diagnostics_msg(
-            self.get_clock().now().to_msg(), NODE_NAME, OK if st.errors == 0 else WARN,
-            "segmenting" if st.errors == 0 else f"{st.errors} bad image message(s); last: {st.last_error}",
-            values))
-
-    def destroy_node(self):
-        worker = getattr(self, "worker", None)
-        if worker is not None:
-            worker.stop()
-        return super().destroy_node()
+        self.publish_diagnostics(values)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Console entry point ``segmentation_node``: see :func:`vpr_ros.spin.spin_single_node`."""
-    from vpr_ros.spin import spin_single_node
-
     return spin_single_node(SegmentationNode, NODE_NAME, argv)
 
 

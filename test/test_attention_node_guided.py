@@ -10,15 +10,13 @@ be encoded with the encoder's own segmentation, i.e. equal ``encode_images([rgb]
 """
 from __future__ import annotations
 
-import threading
-import time
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import yaml
 
-from test_ros_graph import REPO_ROOT, Probe, last_status, ros_env, wait_for  # noqa: F401 (ros_env: fixture)
+from conftest import REPO_ROOT, MessageProbe, attention_has_labels, in_fresh_thread, wait_for
 
 IMAGE_SIZE = (160, 120)
 CLUSTERS = 8
@@ -28,28 +26,20 @@ ESPNETV2 = "espnetv2_s_2.0_city_1024x512.pth"
 TOL = 1e-5
 
 
-def in_fresh_thread(fn):
-    """``fn()`` in a new thread, as the node's worker runs it (OpenMP thread count: see
-    ``test_ros_graph.encode_in_fresh_thread``)."""
-    out = {}
-    t = threading.Thread(target=lambda: out.setdefault("v", fn()))
-    t.start()
-    t.join()
-    return out["v"]
-
-
 @pytest.fixture(scope="module")
 def guided(datasets_dir, weights_dir, vgg_path, data_file, tmp_path_factory):
     """Guided map + a Lund query image that has sky/dynamic pixels + its ESPNetv2 labels."""
     import torch
 
-    from vpr_localizer.models.encoder import Encoder, EncoderConfig
+    from vpr_localizer.models.config import EncoderConfig
+    from vpr_localizer.models.encoder import Encoder
     from vpr_localizer.io.image_files import load_image, resize_image
     from vpr_localizer.localization.localize import encoder_for_map
     from vpr_localizer.mapping.store import VprMap
     from vpr_localizer.mapping.build import build_map
     from vpr_localizer.io.records import load_records
-    from vpr_localizer.segmentation.classes import make_backend, static_weight
+    from vpr_localizer.segmentation.classes import static_weight
+    from vpr_localizer.segmentation.registry import make_backend
 
     seg_weights = data_file(weights_dir / ESPNETV2)
     images = datasets_dir / "lund_gps"
@@ -97,9 +87,11 @@ def _descriptor(msg) -> np.ndarray:
 
 
 class _Graph:
-    """attention_node alone + a probe that also records vpr/attention, with image/labels publishers."""
+    """attention_node alone + a probe recording vpr/descriptor, vpr/attention and diagnostics, with
+    image/labels publishers."""
 
     def __init__(self, params_file: str):
+        from diagnostic_msgs.msg import DiagnosticArray
         from sensor_msgs.msg import Image
 
         from vpr_ros.graph import Graph
@@ -110,12 +102,9 @@ class _Graph:
         try:
             assert self.graph.names == ["attention_node"]
             self.node = self.graph.node("attention_node")
-            self.probe = Probe(self.graph)
-            self.attention = {}
-            self.probe.subs.append(self.probe.node.create_subscription(
-                Image, "vpr/attention",
-                lambda m: self.attention.setdefault((m.header.stamp.sec, m.header.stamp.nanosec), m),
-                reliable_qos()))
+            self.probe = MessageProbe(self.graph, {"descriptor": (Image, "vpr/descriptor"),
+                                                   "attention": (Image, "vpr/attention"),
+                                                   "diagnostics": (DiagnosticArray, "diagnostics")})
             self.pub_img = self.probe.node.create_publisher(Image, "image", reliable_qos())
             self.pub_lab = self.probe.node.create_publisher(Image, "segmentation/labels", reliable_qos())
             pubs = [self.pub_img] + ([self.pub_lab] if self.node.use_labels else [])
@@ -131,15 +120,17 @@ class _Graph:
 
         from vpr_ros.convert import labels_to_msg, rgb_to_image_msg, sec_to_stamp
 
+        key = (int(stamp_s), int(round((stamp_s % 1) * 1e9)))
         if labels is not None:
             self.pub_lab.publish(labels_to_msg(labels, Header(stamp=sec_to_stamp(stamp_s), frame_id="camera")))
-            time.sleep(0.2)
+            assert wait_for(lambda: attention_has_labels(self.node, key), timeout=10.0), \
+                f"the node did not get the labels of frame {stamp_s}"
         self.pub_img.publish(rgb_to_image_msg(rgb, Header(stamp=sec_to_stamp(stamp_s), frame_id="camera")))
-        key = (int(stamp_s), int(round((stamp_s % 1) * 1e9)))
-        assert wait_for(lambda: key in self.probe.descriptors and key in self.attention, timeout=timeout), \
-            f"no descriptor/attention for frame {stamp_s}"
-        with self.probe.lock:
-            return _descriptor(self.probe.descriptors[key][0]), self.attention[key]
+        assert wait_for(lambda: self.probe.stamped("descriptor", key) and self.probe.stamped("attention", key),
+                        timeout=timeout), f"no descriptor/attention for frame {stamp_s}"
+        descs, atts = self.probe.stamped("descriptor", key), self.probe.stamped("attention", key)
+        assert len(descs) == len(atts) == 1, f"frame {stamp_s}: {len(descs)} descriptors, {len(atts)} attention images"
+        return _descriptor(descs[0]), atts[0]
 
     def close(self):
         if self.probe is not None:
@@ -212,8 +203,8 @@ def test_guided_node_uses_topic_labels(guided, ros_env, tmp_path, capfd):
 
         assert (att.labelled_frames, att.unlabelled_frames) == (2, 1)
         assert (att.topic_label_frames, att.self_segmented_frames) == (2, 1)
-        assert wait_for(lambda: last_status(g.probe, "attention_node").get("self_segmented_frames") == "1", 10.0)
-        diag = last_status(g.probe, "attention_node")
+        assert wait_for(lambda: g.probe.last_status("attention_node").get("self_segmented_frames") == "1", 10.0)
+        diag = g.probe.last_status("attention_node")
         assert (diag["guided"], diag["static_mask"], diag["seg_stream"], diag["attention"]) == \
             ("True", "True", "True", "False")
         assert diag["topic_label_frames"] == "2" and diag["segmentation"] == "espnetv2"

@@ -1,13 +1,6 @@
 """Camera-input QoS: sensor-data by default, overridable through the standard ROS 2 parameters."""
 from __future__ import annotations
 
-import os
-import random
-
-import pytest
-
-pytest.importorskip("rclpy", reason="rclpy (ROS 2 from PyPI) is not installed")
-
 
 def _subscription_qos(args):
     import rclpy
@@ -16,8 +9,6 @@ def _subscription_qos(args):
 
     from vpr_ros.qos import sensor_subscription
 
-    os.environ["ROS_DOMAIN_ID"] = str(random.randint(0, 101))
-    os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
     ctx = Context()
     rclpy.init(args=args, context=ctx)
     try:
@@ -30,13 +21,13 @@ def _subscription_qos(args):
         rclpy.shutdown(context=ctx)
 
 
-def test_sensor_subscription_default_is_best_effort_depth_1():
+def test_sensor_subscription_default_is_best_effort_depth_1(ros_env):
     from rclpy.qos import ReliabilityPolicy
 
     assert _subscription_qos([]) == (ReliabilityPolicy.BEST_EFFORT, 1)
 
 
-def test_sensor_subscription_accepts_qos_overrides():
+def test_sensor_subscription_accepts_qos_overrides(ros_env):
     from rclpy.qos import ReliabilityPolicy
 
     args = ["--ros-args", "-p", "qos_overrides./image.subscription.reliability:=reliable",

@@ -6,191 +6,46 @@ temporary directory; the 15 odd frames are packed into a rosbag2 and replayed th
 (``encoder_for_map`` + ``Localizer.localize`` on the same image files). Further tests feed bad
 input to both nodes and start ``vpr-localizer run`` with a missing map.
 
-Every test uses its own random ``ROS_DOMAIN_ID`` with localhost-only discovery, and shuts its
+Every test uses its own random ``ROS_DOMAIN_ID`` with localhost-only discovery (``conftest.ros_env``), and shuts its
 graph down (executor before context) so that the process exits cleanly.
 """
 from __future__ import annotations
 
-import random
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import yaml
+from PIL import Image as PILImage
+
+from conftest import (IMAGE_TOPIC, RELIABLE_IMAGE, REPLAY_RATE, attention_has_labels, descriptor_of, graph_probe,
+                      in_fresh_thread, wait_for, write_params)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration
 
-IMAGE_SIZE = (160, 120)   # network input W, H: small, the machine has 2 slow cores
-CLUSTERS = 16
-BAG_RATE_HZ = 2.0
-# The camera subscription keeps only the newest frame; a frame is dropped when two arrive while
-# one is encoded. Encoding a 1024x768 frame at 160x120 takes 0.1-0.7 s on a loaded 2-core CPU,
-# so frames are replayed 1 s apart (2 Hz bag at rate 0.5), leaving a wide margin.
-REPLAY_RATE = 0.5
-IMAGE_TOPIC = "/camera/image_raw"
-VGG16_WEIGHTS = "vgg16_features_imagenet_caffe_bgr.pth"
-
-
-def wait_for(cond, timeout: float, period: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(period)
-    return bool(cond())
-
-
-@pytest.fixture
-def ros_env(monkeypatch):
-    """A random ROS_DOMAIN_ID (0..101) and localhost-only discovery for this test."""
-    domain = random.SystemRandom().randint(0, 101)
-    monkeypatch.setenv("ROS_DOMAIN_ID", str(domain))
-    monkeypatch.setenv("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
-    return domain
-
-
-@pytest.fixture(scope="module")
-def lund(datasets_dir, weights_dir, data_file, tmp_path_factory):
-    """Map of the even Lund frames, bag of the odd ones, and the offline localisation of the odd ones."""
-    from vpr_localizer.io import bags
-    from vpr_localizer.models.encoder import Encoder, EncoderConfig
-    from vpr_localizer.localization.localize import Localizer, LocalizerConfig, encoder_for_map
-    from vpr_localizer.mapping.store import VprMap
-    from vpr_localizer.mapping.build import build_map
-    from vpr_localizer.io.records import load_records
-
-    weights = data_file(weights_dir / VGG16_WEIGHTS)
-    images = datasets_dir / "lund_gps"
-    tmp = tmp_path_factory.mktemp("ros_graph")
-    map_recs = load_records(str(images), gps="exif", parity="even")
-    query_recs = load_records(str(images), gps="exif", parity="odd")
-    assert len(map_recs) == 14 and len(query_recs) == 15
-    cfg = EncoderConfig(backbone="vgg16", weights=str(weights), image_size=IMAGE_SIZE, num_clusters=CLUSTERS,
-                        device="cpu")
-    build_map(map_recs, Encoder(cfg), str(tmp / "map"), progress=False)
-    bag = bags.make_bag(query_recs, str(tmp / "bag"), rate_hz=BAG_RATE_HZ, storage="sqlite3",
-                        image_topic=IMAGE_TOPIC, progress=False)
-    assert bag["images_written"] == 15
-    # header stamp of each bag image -> index into query_recs (images are written in order)
-    stamps = [(int(m.header.stamp.sec), int(m.header.stamp.nanosec))
-              for _, _, _, m in bags.read_bag(bag["path"], topics=[IMAGE_TOPIC])]
-    assert len(set(stamps)) == 15
-
-    params = yaml.safe_load((REPO_ROOT / "config" / "lund_graph.yaml").read_text())
-    vmap = VprMap.load(str(tmp / "map"))
-    encoder = encoder_for_map(vmap, device="cpu", batch_size=1)  # one image per pass, as the node
-    res = encoder.encode_paths([r.path for r in query_recs])
-    assert res.ok == list(range(15))
-    loc_cfg = LocalizerConfig.from_dict(params["vpr_localizer"]["ros__parameters"]["localizer"])
-    estimates = Localizer(vmap, loc_cfg).localize(res.descriptors)
-    return SimpleNamespace(map=str(tmp / "map"), bag=bag["path"], records=query_recs, stamps=stamps,
-                           descriptors=res.descriptors, estimates=estimates, params=params, encoder=encoder)
-
-
-RELIABLE_IMAGE = {"qos_overrides": {"/image": {"subscription": {"reliability": "reliable", "depth": 10}}}}
-
-
-def write_params(lund, path: Path, attention=None, localizer=None, nodes=("attention_node", "vpr_localizer")) -> str:
-    """config/lund_graph.yaml with map_path set to the test map (and overrides), written to ``path``."""
-    doc = {}
-    for name, extra in (("attention_node", attention), ("vpr_localizer", localizer)):
-        if name in nodes:
-            p = dict(lund.params[name]["ros__parameters"])
-            p.update({"map_path": lund.map}, **(extra or {}))
-            if name == "attention_node":
-                p["device"] = "cpu"
-            doc[name] = {"ros__parameters": p}
-    path.write_text(yaml.safe_dump(doc))
-    return str(path)
-
-
-class Probe:
-    """A test node in the graph's context: records what the graph publishes, keyed by stamp."""
-
-    def __init__(self, graph, namespace: str = ""):
-        import rclpy
-        from diagnostic_msgs.msg import DiagnosticArray
-        from geometry_msgs.msg import PoseWithCovarianceStamped
-        from sensor_msgs.msg import Image, NavSatFix
-
-        from vpr_ros.qos import reliable_qos
-
-        self.graph = graph
-        self.node = rclpy.create_node("test_probe", context=graph.context)
-        self.lock = threading.Lock()
-        self.poses, self.fixes, self.descriptors, self.diagnostics = {}, {}, {}, []
-        qos = reliable_qos(depth=50)
-
-        def keep(store):
-            def cb(msg):
-                key = (int(msg.header.stamp.sec), int(msg.header.stamp.nanosec))
-                with self.lock:
-                    store.setdefault(key, []).append(msg)
-            return cb
-
-        def diag(msg):
-            with self.lock:
-                self.diagnostics.extend(msg.status)
-
-        self.subs = [
-            self.node.create_subscription(PoseWithCovarianceStamped, "vpr/pose", keep(self.poses), qos),
-            self.node.create_subscription(NavSatFix, "vpr/fix", keep(self.fixes), qos),
-            self.node.create_subscription(Image, "vpr/descriptor", keep(self.descriptors), qos),
-            self.node.create_subscription(DiagnosticArray, "diagnostics", diag, qos),
-        ]
-        graph.executor.add_node(self.node)
-
-    def count(self, store) -> int:
-        with self.lock:
-            return len(store)
-
-    def close(self) -> None:
-        self.graph.executor.remove_node(self.node)
-        self.node.destroy_node()
-
-
-def encode_in_fresh_thread(encoder, rgb: np.ndarray) -> np.ndarray:
-    """``encoder.encode_images([rgb])`` in a new thread, as the node's worker runs it.
-
-    The vpr_localizer node calls ``faiss.omp_set_num_threads(faiss_threads)`` in the thread that
-    constructs it (here the test's main thread); FAISS and torch share OpenMP, so torch in the
-    main thread then runs single-threaded and sums in another order (descriptors differ by
-    ~1e-6). A fresh thread has OpenMP's default thread count, like the node's worker.
-    """
-    out = {}
-    t = threading.Thread(target=lambda: out.setdefault("d", encoder.encode_images([rgb])))
-    t.start()
-    t.join()
-    return out["d"]
-
-
-def last_status(probe: Probe, name: str) -> dict:
-    """Key/values of the newest diagnostics status named ``name`` ({} when none yet)."""
-    with probe.lock:
-        sts = [s for s in probe.diagnostics if s.name == name]
-    return {kv.key: kv.value for kv in sts[-1].values} if sts else {}
-
-
-def test_node_encode_equals_offline_encoder(lund):
-    """The node's single backbone pass gives exactly Encoder.encode_images (any input size)."""
+def test_node_encode_equals_offline_encoder(lund, ros_env, tmp_path):
+    """The attention node's own pass (its encoder, loaded from the map) gives exactly the offline
+    Encoder.encode_images of the encoder that built the map (any input size)."""
     from attention_node.node import attention_heatmap, patch_descriptors
     from vpr_localizer.io.image_files import load_image, resize_image
+    from vpr_ros.graph import Graph
 
     rgb = resize_image(load_image(lund.records[0].path), (333, 250))  # not the network size
-    enc = lund.encoder
-    feats = enc.feature_maps(np.stack([resize_image(rgb, enc.config.image_size)]))
-    desc = enc.apply_pca(enc.aggregate(feats))
-    np.testing.assert_array_equal(desc, enc.encode_images([rgb]))
-    heat = attention_heatmap(feats[0], (333, 250))
+    graph = Graph(write_params(lund, tmp_path / "params.yaml"), names=["attention_node"])
+    try:
+        node = graph.node("attention_node")
+        assert node.encoder is not lund.encoder
+        desc, feats = node.encode(rgb)
+    finally:
+        graph.shutdown()
+    np.testing.assert_array_equal(desc, lund.encoder.encode_images([rgb]))
+    heat = attention_heatmap(feats.image[0], (333, 250))
     assert heat.shape == (250, 333, 3) and heat.dtype == np.uint8
-    patches = patch_descriptors(feats[0])
-    c, h, w = feats[0].shape
+    patches = patch_descriptors(feats.image[0])
+    c, h, w = feats.image[0].shape
     assert patches.shape == (h * w, c)
     np.testing.assert_allclose(np.linalg.norm(patches, axis=1), 1.0, atol=1e-5)
 
@@ -205,30 +60,31 @@ def test_replayed_bag_gives_offline_poses(lund, ros_env, tmp_path):
     probe = None
     try:
         assert graph.names == ["attention_node", "vpr_localizer"]
-        probe = Probe(graph)
-        t0 = time.monotonic()
+        probe = graph_probe(graph)
         stats = replay_bag(probe.node, lund.bag, rate=REPLAY_RATE, topics=[IMAGE_TOPIC],
                            remap={IMAGE_TOPIC: "image"}, start_delay_s=2.0, reliable=True)
         assert stats.published == {IMAGE_TOPIC: 15}
-        assert wait_for(lambda: probe.count(probe.poses) >= 15, timeout=60.0), \
-            f"only {probe.count(probe.poses)} of 15 poses within 60 s"
-        time.sleep(0.5)  # would catch a duplicate
-        elapsed = time.monotonic() - t0
-        att = graph.node("attention_node").worker.stats
-        loc = graph.node("vpr_localizer").worker.stats
+        assert wait_for(lambda: probe.count("pose") >= 15, timeout=60.0), \
+            f"only {probe.count('pose')} of 15 poses within 60 s"
+        att_node, loc_node = graph.node("attention_node"), graph.node("vpr_localizer")
+        att, loc = att_node.worker.stats, loc_node.worker.stats
+        # the workers count a frame after publishing its results: wait until both are done
+        assert wait_for(lambda: att.processed + att.dropped + att.errors == 15 and att_node.worker.idle()
+                        and loc.processed + loc.dropped + loc.errors == 15 and loc_node.worker.idle(),
+                        timeout=10.0), (att, loc)
+        # one pose per frame: a bounded 0.5 s wait in which no 16th pose (a duplicate) may arrive
+        assert not wait_for(lambda: probe.count("pose") > 15, timeout=0.5), f"{probe.count('pose')} poses"
         assert (att.received, att.processed, att.dropped, att.errors) == (15, 15, 0, 0), att
         assert (loc.processed, loc.dropped, loc.errors) == (15, 0, 0), loc
 
-        with probe.lock:
-            poses, fixes, descs = dict(probe.poses), dict(probe.fixes), dict(probe.descriptors)
+        poses, fixes, descs = probe.by_stamp("pose"), probe.by_stamp("fix"), probe.by_stamp("descriptor")
         assert sorted(poses) == sorted(lund.stamps)
         for i, key in enumerate(lund.stamps):
             est = lund.estimates[i]
             assert len(poses[key]) == 1, f"query {lund.records[i].name}: {len(poses[key])} poses"
             assert len(descs[key]) == 1 and len(fixes[key]) == 1
-            d = np.frombuffer(bytes(descs[key][0].data), "<f4").reshape(1, -1)
             # bit-identical in practice; a tolerance in case torch ran concurrently in another thread
-            np.testing.assert_allclose(d, lund.descriptors[i:i + 1], rtol=0, atol=1e-6)
+            np.testing.assert_allclose(descriptor_of(descs[key][0]), lund.descriptors[i:i + 1], rtol=0, atol=1e-6)
             m = poses[key][0]
             assert m.header.frame_id == "map"
             p = m.pose.pose.position
@@ -237,12 +93,19 @@ def test_replayed_bag_gives_offline_poses(lund, ros_env, tmp_path):
             np.testing.assert_allclose(cov, est.covariance_xy, rtol=1e-6, atol=1e-9)
             f = fixes[key][0]
             assert abs(f.latitude - est.lat) <= 1e-8 and abs(f.longitude - est.lon) <= 1e-8
-        diag = last_status(probe, "attention_node")
-        assert diag, "no diagnostics from attention_node"
-        for k in ("decode_ms", "encode_ms", "publish_ms"):
-            assert float(diag[k]) >= 0.0
-        assert int(diag["errors"]) == 0 and int(diag["dropped"]) == 0
-        print(f"\n15 frames through attention_node -> vpr_localizer in {elapsed:.1f} s; "
+        # attention_node publishes one diagnostics status per frame; the last one is the 15th frame's
+        assert wait_for(lambda: len(probe.statuses("attention_node")) >= 15, timeout=10.0), \
+            f"{len(probe.statuses('attention_node'))} attention_node diagnostics for 15 frames"
+        assert len(probe.statuses("attention_node")) == 15
+        diag = probe.last_status("attention_node")
+        assert (diag["received"], diag["errors"], diag["dropped"]) == ("15", "0", "0"), diag
+        with PILImage.open(lund.records[-1].path) as im:
+            assert (int(diag["image_width"]), int(diag["image_height"])) == im.size
+        assert int(diag["descriptor_dim"]) == lund.descriptors.shape[1]
+        # the frame's stage times (3 decimals each) lie within the worker's time for that frame
+        stages_ms = sum(float(diag[k]) for k in ("decode_ms", "encode_ms", "publish_ms"))
+        assert stages_ms <= 1e3 * att.last_seconds + 0.002, (diag, att.last_seconds)
+        print(f"\n15 frames through attention_node -> vpr_localizer; "
               f"attention_node last frame {1e3 * att.last_seconds:.0f} ms")
     finally:
         if probe is not None:
@@ -286,12 +149,9 @@ def test_bad_input_is_logged_and_dropped(lund, ros_env, tmp_path, capfd):
             Parameter("map_path", value=lund.map), Parameter("device", value="cpu"),
             Parameter("compressed", value=True), Parameter("publish_attention", value=False)])
         graph.executor.add_node(cmp)
-        probe = Probe(graph)
+        probe = graph_probe(graph)
+        probe.record("cmp_descriptor", Image, "/cmp/vpr/descriptor")
         att, loc = graph.node("attention_node"), graph.node("vpr_localizer")
-        cmp_descs = {}
-        probe.subs.append(probe.node.create_subscription(
-            Image, "/cmp/vpr/descriptor",
-            lambda m: cmp_descs.setdefault((m.header.stamp.sec, m.header.stamp.nanosec), m), reliable_qos()))
         pub_img = probe.node.create_publisher(Image, "image", sensor_qos(depth=5))
         pub_cmp = probe.node.create_publisher(CompressedImage, "/cmp/image/compressed", sensor_qos(depth=5))
         pub_lab = probe.node.create_publisher(Image, "segmentation/labels", reliable_qos())
@@ -317,29 +177,31 @@ def test_bad_input_is_logged_and_dropped(lund, ros_env, tmp_path, capfd):
         rgb = resize_image(load_image(lund.records[3].path), (320, 240))
         good = rgb_to_image_msg(rgb, Header(stamp=sec_to_stamp(101.0), frame_id="camera"))
         labels = rgb_to_image_msg(rgb, Header(stamp=sec_to_stamp(101.0)), encoding="mono8")
-        pub_lab.publish(labels)
-        time.sleep(0.2)
-        pub_img.publish(good)
         key = (101, 0)
-        assert wait_for(lambda: key in probe.poses, timeout=30.0), "no descriptor/pose for the good frame"
+        pub_lab.publish(labels)
+        assert wait_for(lambda: attention_has_labels(att, key), timeout=10.0), "the node did not get the labels"
+        pub_img.publish(good)
+        assert wait_for(lambda: probe.stamped("pose", key), timeout=30.0), "no descriptor/pose for the good frame"
         fmt, jpeg = rgb_to_compressed(rgb, "jpeg", 95)
         pub_cmp.publish(CompressedImage(header=Header(stamp=sec_to_stamp(101.0)), format=fmt, data=jpeg))
-        assert wait_for(lambda: key in cmp_descs, timeout=30.0), "no descriptor for the good compressed frame"
+        assert wait_for(lambda: probe.stamped("cmp_descriptor", key), timeout=30.0), \
+            "no descriptor for the good compressed frame"
         # one frame at a time, so no concurrent torch work: equal to the offline encoder
-        d = np.frombuffer(bytes(probe.descriptors[key][0].data), "<f4").reshape(1, -1)
-        np.testing.assert_allclose(d, encode_in_fresh_thread(att.encoder, rgb), rtol=0, atol=1e-6)
-        dc = np.frombuffer(bytes(cmp_descs[key].data), "<f4").reshape(1, -1)
-        np.testing.assert_allclose(dc, encode_in_fresh_thread(cmp.encoder, compressed_to_rgb(fmt, jpeg)),
+        d = descriptor_of(probe.stamped("descriptor", key)[0])
+        np.testing.assert_allclose(d, in_fresh_thread(lambda: att.encoder.encode_images([rgb])), rtol=0, atol=1e-6)
+        dc = descriptor_of(probe.stamped("cmp_descriptor", key)[0])
+        rgb_jpeg = compressed_to_rgb(fmt, jpeg)
+        np.testing.assert_allclose(dc, in_fresh_thread(lambda: cmp.encoder.encode_images([rgb_jpeg])),
                                    rtol=0, atol=1e-6)
         assert att.worker.stats.errors == 3 and cmp.worker.stats.errors == 1
         assert att.labelled_frames == 1 and att.unlabelled_frames == 0
-        assert wait_for(lambda: last_status(probe, "attention_node").get("labelled_frames") == "1", 10.0)
-        diag = last_status(probe, "attention_node")
+        assert wait_for(lambda: probe.last_status("attention_node").get("labelled_frames") == "1", 10.0)
+        diag = probe.last_status("attention_node")
         assert diag["errors"] == "3" and diag["received"] == "4"
 
         # a good frame without labels: encoded after labels_wait_s, counted as unlabelled
         pub_img.publish(rgb_to_image_msg(rgb, Header(stamp=sec_to_stamp(102.0), frame_id="camera")))
-        assert wait_for(lambda: (102, 0) in probe.poses, timeout=30.0)
+        assert wait_for(lambda: probe.stamped("pose", (102, 0)), timeout=30.0)
         assert att.labelled_frames == 1 and att.unlabelled_frames == 1
 
         # vpr_localizer: a NaN descriptor is logged and dropped, the next good one gives a pose
@@ -348,9 +210,9 @@ def test_bad_input_is_logged_and_dropped(lund, ros_env, tmp_path, capfd):
         pub_desc.publish(descriptor_to_msg(nan, Header(stamp=sec_to_stamp(200.0), frame_id="camera")))
         settle(loc.worker, errors0 + 1, received0 + 1)
         pub_desc.publish(descriptor_to_msg(lund.descriptors[:1], Header(stamp=sec_to_stamp(201.0), frame_id="camera")))
-        assert wait_for(lambda: (201, 0) in probe.poses, timeout=15.0), "no pose after the NaN descriptor"
-        assert (200, 0) not in probe.poses
-        p = probe.poses[(201, 0)][0].pose.pose.position
+        assert wait_for(lambda: probe.stamped("pose", (201, 0)), timeout=15.0), "no pose after the NaN descriptor"
+        assert not probe.stamped("pose", (200, 0))
+        p = probe.stamped("pose", (201, 0))[0].pose.pose.position
         assert abs(p.x - lund.estimates[0].x) <= 1e-3 and abs(p.y - lund.estimates[0].y) <= 1e-3
         assert loc.worker.stats.errors == errors0 + 1
 
@@ -373,7 +235,6 @@ def test_run_with_missing_map_exits_2(node, ros_env, tmp_path):
     missing = tmp_path / "no_such_map"
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({node: {"ros__parameters": {"map_path": str(missing)}}}))
-    t0 = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "vpr_localizer.cli.main", "run", "--params", str(params)],
                           cwd=str(REPO_ROOT), capture_output=True, text=True, timeout=90)
     out = proc.stdout + proc.stderr
@@ -381,4 +242,3 @@ def test_run_with_missing_map_exits_2(node, ros_env, tmp_path):
     assert "Traceback" not in out, out
     lines = [ln for ln in out.splitlines() if str(missing) in ln]
     assert len(lines) == 1 and "cannot start" in lines[0] and "map not found" in lines[0], out
-    assert time.monotonic() - t0 < 90

@@ -1,24 +1,22 @@
 """ROS graph tests of segmentation_node (in-process through vpr_ros.graph.Graph, real rclpy),
 its console entry point, and the RViz2 config.
 
-Every test process uses its own random ROS_DOMAIN_ID (set before any rclpy.init) and localhost
-discovery; nodes and executors are shut down before their context.
+Every test uses its own random ROS_DOMAIN_ID (set before any rclpy.init) and localhost
+discovery (``conftest.ros_env``); nodes and executors are shut down before their context.
 """
 from __future__ import annotations
 
 import os
-import random
 import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
+from conftest import MessageProbe, ProbeContext, wait_for
 from vpr_localizer.errors import WeightsError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -27,18 +25,9 @@ CAMERA_TOPIC = "/camera/image_raw"
 SIZE = (512, 256)  # (W, H) the Cityscapes frame is resized to
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ros_domain():
-    """A random ROS_DOMAIN_ID for this module (before any rclpy.init), localhost discovery."""
-    saved = {k: os.environ.get(k) for k in ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE")}
-    os.environ["ROS_DOMAIN_ID"] = str(random.SystemRandom().randint(1, 100))
-    os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
-    yield os.environ["ROS_DOMAIN_ID"]
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+@pytest.fixture(autouse=True)
+def _own_ros_domain(ros_env):
+    """Every test of this module on its own ROS domain (see conftest.ros_env)."""
 
 
 @pytest.fixture(scope="module")
@@ -59,63 +48,35 @@ def write_params(tmp_path: Path, **params) -> str:
     return str(path)
 
 
-def wait_until(cond, timeout: float = 10.0, period: float = 0.02) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(period)
-    return bool(cond())
-
-
-class Probe:
-    """A test node in the graph's context: publishes camera frames, records the outputs."""
+class Probe(MessageProbe):
+    """A test node in the graph's context: publishes camera frames, records the outputs
+    (``labels``, ``overlay``, ``diagnostics``)."""
 
     def __init__(self, graph, compressed: bool = False):
-        import rclpy
         from diagnostic_msgs.msg import DiagnosticArray
         from sensor_msgs.msg import CompressedImage, Image
 
-        from vpr_ros.qos import reliable_qos, sensor_qos
+        from vpr_ros.qos import sensor_qos
 
-        self.graph = graph
-        self.node = rclpy.create_node("segmentation_test_probe", context=graph.context)
-        self.lock = threading.Lock()
-        self.got = {"labels": [], "overlay": [], "diagnostics": []}
-        for key, topic, typ in (("labels", "/segmentation/labels", Image),
-                                ("overlay", "/segmentation/overlay", Image),
-                                ("diagnostics", "/diagnostics", DiagnosticArray)):
-            self.node.create_subscription(typ, topic, lambda m, k=key: self._store(k, m), reliable_qos())
+        super().__init__(graph, {"labels": (Image, "/segmentation/labels"),
+                                 "overlay": (Image, "/segmentation/overlay"),
+                                 "diagnostics": (DiagnosticArray, "/diagnostics")}, name="segmentation_test_probe")
         if compressed:
             self.pub = self.node.create_publisher(CompressedImage, CAMERA_TOPIC + "/compressed", sensor_qos())
         else:
             self.pub = self.node.create_publisher(Image, CAMERA_TOPIC, sensor_qos())
-        graph.executor.add_node(self.node)
         seg = graph.node("segmentation_node")
         outputs = [seg.pub_labels] + ([seg.pub_overlay] if seg.pub_overlay is not None else [])
-        assert wait_until(lambda: self.pub.get_subscription_count() >= 1
-                          and all(p.get_subscription_count() >= 1 for p in outputs)), "topics did not match"
-
-    def _store(self, key, msg):
-        with self.lock:
-            self.got[key].append(msg)
-
-    def find(self, key, stamp):
-        with self.lock:
-            return [m for m in self.got[key]
-                    if m.header.stamp.sec == stamp[0] and m.header.stamp.nanosec == stamp[1]]
+        assert wait_for(lambda: self.pub.get_subscription_count() >= 1
+                        and all(p.get_subscription_count() >= 1 for p in outputs), 10.0), "topics did not match"
 
     def publish_until(self, msg, done, tries: int = 5, timeout: float = 3.0) -> bool:
         """Publish ``msg`` (best effort) until ``done()`` holds, at most ``tries`` times."""
         for _ in range(tries):
             self.pub.publish(msg)
-            if wait_until(done, timeout):
+            if wait_for(done, timeout):
                 return True
         return False
-
-    def close(self):
-        self.graph.executor.remove_node(self.node)
-        self.node.destroy_node()
 
 
 @pytest.fixture
@@ -190,15 +151,15 @@ def test_labels_and_overlay_for_a_real_frame(make_graph, city_rgb):
     assert seg.sub.topic_name == CAMERA_TOPIC
     stamp = (1_700_000_123, 456_789_000)
     assert probe.publish_until(image_msg(city_rgb, stamp),
-                               lambda: probe.find("labels", stamp) and probe.find("overlay", stamp))
-    check_labels(probe.find("labels", stamp)[0], city_rgb)
-    ov = probe.find("overlay", stamp)[0]
+                               lambda: probe.stamped("labels", stamp) and probe.stamped("overlay", stamp))
+    check_labels(probe.stamped("labels", stamp)[0], city_rgb)
+    ov = probe.stamped("overlay", stamp)[0]
     assert ov.encoding == "rgb8" and (ov.height, ov.width) == city_rgb.shape[:2]
     assert ov.header.frame_id == "camera_optical_frame"
     # backend none: every pixel ignore, and ignore pixels are shown as the camera image
     np.testing.assert_array_equal(np.frombuffer(bytes(ov.data), np.uint8).reshape(city_rgb.shape), city_rgb)
-    assert wait_until(lambda: probe.got["diagnostics"])
-    status = probe.got["diagnostics"][-1].status[0]
+    assert wait_for(lambda: probe.messages("diagnostics"), 10.0)
+    status = probe.messages("diagnostics")[-1].status[0]
     values = {kv.key: kv.value for kv in status.values}
     assert status.name == "segmentation_node" and status.level == b"\x00"
     assert values["backend"] == "none" and values["ignore_fraction"] == "1.000"
@@ -207,9 +168,9 @@ def test_labels_and_overlay_for_a_real_frame(make_graph, city_rgb):
     # bgr8 input: same labels, overlay back in RGB order
     stamp2 = (1_700_000_124, 0)
     assert probe.publish_until(image_msg(city_rgb, stamp2, frame_id="cam2", encoding="bgr8"),
-                               lambda: probe.find("overlay", stamp2) and probe.find("labels", stamp2))
-    check_labels(probe.find("labels", stamp2)[0], city_rgb, frame_id="cam2")
-    ov2 = probe.find("overlay", stamp2)[0]
+                               lambda: probe.stamped("overlay", stamp2) and probe.stamped("labels", stamp2))
+    check_labels(probe.stamped("labels", stamp2)[0], city_rgb, frame_id="cam2")
+    ov2 = probe.stamped("overlay", stamp2)[0]
     np.testing.assert_array_equal(np.frombuffer(bytes(ov2.data), np.uint8).reshape(city_rgb.shape), city_rgb)
     assert seg.worker.stats.errors == 0
 
@@ -228,13 +189,13 @@ def test_bad_frames_are_logged_and_the_node_keeps_running(make_graph, city_rgb, 
         before = seg.worker.stats.errors
         assert probe.publish_until(msg, lambda: seg.worker.stats.errors > before), expected
         assert expected in seg.worker.stats.last_error
-    assert not probe.got["labels"], "no labels for a bad frame"
+    assert not probe.messages("labels"), "no labels for a bad frame"
     stamp = (13, 5)
-    assert probe.publish_until(image_msg(city_rgb, stamp), lambda: probe.find("labels", stamp))
-    check_labels(probe.find("labels", stamp)[0], city_rgb)
+    assert probe.publish_until(image_msg(city_rgb, stamp), lambda: probe.stamped("labels", stamp))
+    check_labels(probe.stamped("labels", stamp)[0], city_rgb)
     assert seg.worker.stats.errors == 3
-    assert wait_until(lambda: probe.got["diagnostics"])
-    status = probe.got["diagnostics"][-1].status[0]
+    assert wait_for(lambda: probe.messages("diagnostics"), 10.0)
+    status = probe.messages("diagnostics")[-1].status[0]
     assert status.level == b"\x01" and "3 bad image message(s)" in status.message
     err = capfd.readouterr().err
     assert err.count("dropped frame:") >= 3, err[-2000:]
@@ -249,8 +210,8 @@ def test_compressed_input_and_no_overlay(make_graph, city_rgb):
     assert seg.pub_overlay is None
     fmt, jpeg = rgb_to_compressed(city_rgb, "jpeg", 90)
     stamp = (20, 1)
-    assert probe.publish_until(compressed_msg(jpeg, stamp, fmt), lambda: probe.find("labels", stamp))
-    check_labels(probe.find("labels", stamp)[0], city_rgb)
+    assert probe.publish_until(compressed_msg(jpeg, stamp, fmt), lambda: probe.stamped("labels", stamp))
+    check_labels(probe.stamped("labels", stamp)[0], city_rgb)
 
     before = seg.worker.stats.errors
     corrupt = compressed_msg(jpeg[: len(jpeg) // 3], (21, 0), fmt)  # truncated JPEG
@@ -263,9 +224,9 @@ def test_compressed_input_and_no_overlay(make_graph, city_rgb):
 
     stamp = (23, 0)
     _, png = rgb_to_compressed(city_rgb, "png")
-    assert probe.publish_until(compressed_msg(png, stamp, "png"), lambda: probe.find("labels", stamp))
-    check_labels(probe.find("labels", stamp)[0], city_rgb)
-    assert not probe.got["overlay"]
+    assert probe.publish_until(compressed_msg(png, stamp, "png"), lambda: probe.stamped("labels", stamp))
+    check_labels(probe.stamped("labels", stamp)[0], city_rgb)
+    assert not probe.messages("overlay")
 
 
 @pytest.mark.parametrize("backend,match", [("bogus_net", "unknown segmentation backend 'bogus_net'"),
@@ -289,7 +250,7 @@ def _env():
 ENTRY = "import sys; from segmentation_node.node import main; sys.exit(main())"
 
 
-def test_main_fatal_error_is_one_line_and_exit_2(ros_domain):
+def test_main_fatal_error_is_one_line_and_exit_2():
     proc = subprocess.run([sys.executable, "-c", ENTRY, "--ros-args", "-p", "backend:=bogus_net"],
                           cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=60)
     out = proc.stdout + proc.stderr
@@ -299,20 +260,45 @@ def test_main_fatal_error_is_one_line_and_exit_2(ros_domain):
     assert "cannot start" in lines[0] and "bogus_net" in lines[0] and "FATAL" in lines[0]
 
 
-def test_main_runs_and_stops_cleanly_on_sigint(ros_domain):
+def test_main_runs_and_stops_cleanly_on_sigint():
+    from sensor_msgs.msg import Image
+
+    from vpr_ros.qos import reliable_qos
+
     proc = subprocess.Popen([sys.executable, "-c", ENTRY, "--ros-args", "-p", "backend:=none"],
                             cwd=REPO_ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
+    ctx = probe = None
     try:
         for line in proc.stdout:
             lines.append(line)
             if "backend none" in line:
                 break
         assert any("backend none" in ln for ln in lines), "".join(lines)
-        time.sleep(0.3)
+        # the node spins (so Ctrl-C lands in the executor): it answers a camera frame with labels
+        ctx = ProbeContext()
+        probe = MessageProbe(ctx, {"labels": (Image, "/segmentation/labels")}, name="sigint_test_probe")
+        pub = probe.node.create_publisher(Image, "/image", reliable_qos())
+        assert wait_for(lambda: pub.get_subscription_count() >= 1
+                        and probe.node.count_publishers("/segmentation/labels") >= 1, 30.0), "topics did not match"
+        frame = image_msg(np.zeros((24, 32, 3), np.uint8), (30, 0))
+        for _ in range(5):
+            pub.publish(frame)
+            if wait_for(lambda: probe.stamped("labels", (30, 0)), 5.0):
+                break
+        assert probe.stamped("labels", (30, 0)), "the node did not answer a camera frame"
         proc.send_signal(signal.SIGINT)
-        rest, _ = proc.communicate(timeout=30)
+        try:
+            rest, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rest, _ = proc.communicate()
+            pytest.fail("no exit within 30 s of SIGINT; output:\n" + "".join(lines) + rest)
     finally:
+        if probe is not None:
+            probe.close()
+        if ctx is not None:
+            ctx.shutdown()
         if proc.poll() is None:
             proc.kill()
             proc.wait()
@@ -348,21 +334,22 @@ def test_rviz_config_parses_and_shows_the_suite():
 
 def test_espnetv2_backend_through_the_node(make_graph, city_rgb, weights_dir):
     """The node publishes exactly what the ESPNetv2 backend computes offline on the same frame."""
-    from vpr_localizer.segmentation.classes import make_backend, overlay
+    from vpr_localizer.segmentation.classes import overlay
+    from vpr_localizer.segmentation.registry import make_backend
 
     weights = str(weights_dir / "espnetv2_s_2.0_city_1024x512.pth")
     graph, probe = make_graph(backend="espnetv2", weights=weights, device="cpu")
     stamp = (1_700_000_500, 0)
     assert probe.publish_until(image_msg(city_rgb, stamp),
-                               lambda: probe.find("labels", stamp) and probe.find("overlay", stamp),
+                               lambda: probe.stamped("labels", stamp) and probe.stamped("overlay", stamp),
                                timeout=20.0)
-    msg = probe.find("labels", stamp)[0]
+    msg = probe.stamped("labels", stamp)[0]
     h, w = city_rgb.shape[:2]
     labels = np.frombuffer(bytes(msg.data), np.uint8).reshape(h, w)
     expected = make_backend("espnetv2", weights=weights, device="cpu")(city_rgb)
     np.testing.assert_array_equal(labels, expected)
     # a real street scene: road (0), building (2), vegetation (8) and cars (13) all present
     assert {0, 2, 8, 13} <= set(np.unique(labels).tolist())
-    ov = probe.find("overlay", stamp)[0]
+    ov = probe.stamped("overlay", stamp)[0]
     np.testing.assert_array_equal(np.frombuffer(bytes(ov.data), np.uint8).reshape(city_rgb.shape),
                                   overlay(city_rgb, expected))

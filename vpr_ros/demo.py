@@ -21,7 +21,8 @@ import numpy as np
 import yaml
 
 from vpr_localizer.io.bags import make_bag
-from vpr_localizer.models.encoder import Encoder, EncoderConfig
+from vpr_localizer.models.config import EncoderConfig
+from vpr_localizer.models.encoder import Encoder
 from vpr_localizer.errors import DatasetError
 from vpr_localizer.mapping.build import build_map, datum_for, localize_records
 from vpr_localizer.evaluation.scenarios import VGG16_WEIGHTS, get_scenario

@@ -1,4 +1,4 @@
-"""QoS profiles: sensor-data QoS on camera input, reliable QoS on outputs (ARCHITECTURE.md)."""
+"""QoS profiles: sensor-data QoS on camera input (REP-2003 sensor data), reliable QoS on outputs."""
 from __future__ import annotations
 
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
@@ -45,3 +45,17 @@ def sensor_subscription(node, msg_type, topic: str, callback, depth: int = 1, **
 
     return node.create_subscription(msg_type, topic, callback, sensor_qos(depth=depth),
                                     qos_overriding_options=QoSOverridingOptions.with_default_policies(), **kwargs)
+
+
+def camera_subscription(node, compressed: bool, callback, **kwargs):
+    """The camera input of a node: ``image`` (sensor_msgs/Image) or, when ``compressed``,
+    ``image/compressed`` (sensor_msgs/CompressedImage), through :func:`sensor_subscription`.
+
+    Returns:
+        The subscription (``.topic_name`` is the resolved topic).
+    """
+    from sensor_msgs.msg import CompressedImage, Image
+
+    if compressed:
+        return sensor_subscription(node, CompressedImage, "image/compressed", callback, **kwargs)
+    return sensor_subscription(node, Image, "image", callback, **kwargs)

@@ -57,7 +57,10 @@ def spin_single_node(factory, name: str, argv: Optional[Sequence[str]] = None, n
         executor = MultiThreadedExecutor(num_threads=num_threads)
         executor.add_node(node)
         try:
-            executor.spin()
+            # spin_once with a timeout, not spin(): an idle executor blocks in C, where the
+            # Python-level SIGINT/SIGTERM handler above could never raise
+            while rclpy.ok():
+                executor.spin_once(timeout_sec=0.2)
         except (KeyboardInterrupt, ExternalShutdownException):
             pass
         finally:
