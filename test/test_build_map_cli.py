@@ -23,6 +23,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from conftest import exif_gps_pillow
 from vpr_localizer.cli.main import main
 from vpr_localizer.io.image_files import read_exif_gps
 from vpr_localizer.mapping.store import VprMap
@@ -50,19 +51,6 @@ def lund(datasets_dir, data_file):
 @pytest.fixture(scope="module")
 def enc_args(vgg_path):
     return ["--weights", str(vgg_path), "--image-size", "128", "96", "--clusters", "8", "--device", "cpu"]
-
-
-def exif_gps_pillow(path) -> tuple:
-    """(lat, lon, alt) from the EXIF GPS IFD, read with Pillow (independent of piexif)."""
-    with Image.open(path) as im:
-        g = im.getexif().get_ifd(0x8825)
-
-    def deg(v):
-        d, m, s = (float(x) for x in v)
-        return d + m / 60.0 + s / 3600.0
-
-    return (deg(g[2]) * (-1.0 if g.get(1) == "S" else 1.0), deg(g[4]) * (-1.0 if g.get(3) == "W" else 1.0),
-            float(g[6]) * (-1.0 if g.get(5) in (1, b"\x01") else 1.0))
 
 
 def copy_file(src, dst) -> Path:
@@ -426,7 +414,13 @@ def _check_rows(rows, vmap, lund):
         cxx, cxy, cyy = float(r["cov_xx"]), float(r["cov_xy"]), float(r["cov_yy"])
         assert cxx >= 4.0 - 1e-9 and cyy >= 4.0 - 1e-9  # sigma_floor_m = 2 m
         assert cxx * cyy - cxy ** 2 > 0.0
-        assert 0.0 <= float(r["margin"]) <= 2.0 and int(r["consistent"]) >= 1
+        # consistent set: the keyframes within 25 m (LocalizerConfig default) of the best match;
+        # margin: best score - best score outside it (or - the last score when all are inside)
+        inside = np.hypot(*(pos[ids, :2] - pos[ids[0], :2]).T) <= 25.0
+        assert int(r["consistent"]) == int(inside.sum())
+        outside = np.asarray(scores)[~inside]
+        margin = scores[0] - (outside.max() if outside.size else scores[-1])
+        assert float(r["margin"]) == pytest.approx(margin, abs=1e-5)  # scores are rounded to 1e-6
 
 
 def test_localize_writes_csv(lund_map, query_dir, lund, tmp_path, capsys, caplog):

@@ -8,6 +8,7 @@ import piexif
 import pytest
 from PIL import Image
 
+from conftest import exif_gps_pillow
 from vpr_localizer.errors import ImageLoadError, VprError
 from vpr_localizer.io.image_files import load_image, read_exif_gps, resize_image, validate_rgb
 
@@ -84,7 +85,8 @@ def test_read_exif_gps_matches_image_description(lund_jpg):
     ref_lat, ref_lon = _mapillary_position(lund_jpg)
     assert lat == pytest.approx(ref_lat, abs=1e-4)
     assert lon == pytest.approx(ref_lon, abs=1e-4)
-    assert alt is None or isinstance(alt, float)
+    # the altitude (metres, above sea level) as an independent EXIF reader (Pillow) gives it
+    assert alt == pytest.approx(exif_gps_pillow(lund_jpg)[2], abs=1e-9) and alt == pytest.approx(37.0)
 
 
 def test_read_exif_gps_all_lund_images_agree_with_description(datasets_dir):

@@ -12,13 +12,9 @@ from vpr_localizer.errors import MapError
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One OpenMP thread: deterministic, and much faster on a busy 2-core box (OpenMP barriers
-    with a descheduled thread).  Restored afterwards."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+def _single_thread(faiss_single_thread):
+    """One OpenMP thread (see conftest.faiss_single_thread): deterministic, and much faster on a
+    busy 2-core box (OpenMP barriers with a descheduled thread)."""
 
 
 def unit_rows(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
@@ -90,8 +86,8 @@ def test_ivfpq_ids_are_row_numbers():
     vindex.set_search_params(index, nprobe=index.nlist)  # exhaustive over cells: only PQ error left
     perm = rng.permutation(3000)[:300]
     _, ids = vindex.search(index, db[perm], 5)
-    # a descriptor's own row is within its PQ top-5 (measured: all 300)
-    assert np.mean((ids == perm[:, None]).any(axis=1)) >= 0.95
+    # a descriptor's own row is within its PQ top-5 (measured: all 300; at most 3 may miss)
+    assert np.mean((ids == perm[:, None]).any(axis=1)) >= 0.99
 
 
 def test_k_is_clamped_to_ntotal():
@@ -127,25 +123,28 @@ def test_ivfpq_recall_on_clustered_data(clustered_map):
     """IVF-PQ defaults on 5000 x 128: nlist 128 (clamped to 5000 // 39), nprobe 16, 16 x 8-bit
     PQ = 16 bytes per vector (32x compression) trained on only 5000 points (faiss wants 9984).
     Measured over seeds 0..5: 10-NN overlap 0.77-0.79, exact top-1 within top-10 0.95-0.97;
-    about 0.04 of the loss is IVF (nprobe=nlist gives 0.82), the rest PQ.  Thresholds leave a
-    margin for platform/BLAS differences; a broken index (wrong ids) would score ~0.002."""
+    about 0.04 of the loss is IVF (nprobe=nlist gives 0.82), the rest PQ.  For this test's seed 0
+    (single faiss thread, identical on every run): overlap 0.7825, top-1 within top-10 193/200 =
+    0.965. The bounds leave ~0.03 for platform/BLAS differences; a broken index (wrong ids) would
+    score ~0.002."""
     db, q, ref = clustered_map
     index = vindex.build_index(db, "ivfpq", seed=0)
     assert vindex.index_kind(index) == "ivfpq"
     assert index.nlist == 5000 // vindex.MIN_POINTS_PER_CENTROID and index.pq.M == 16
     _, ids = vindex.search(index, q, 10)
-    assert overlap_at(ids, ref, 10) >= 0.65
-    assert np.mean((ids == ref[:, :1]).any(axis=1)) >= 0.85
+    assert overlap_at(ids, ref, 10) >= 0.75
+    assert np.mean((ids == ref[:, :1]).any(axis=1)) >= 0.94
 
 
 def test_hnsw_recall_on_clustered_data(clustered_map):
     """HNSW (M=32, efConstruction=80, efSearch=64) keeps full vectors; on 5000 points its graph
-    search is essentially exact (measured 1.000 over seeds 0..5)."""
+    search is essentially exact (measured 1.000 over seeds 0..5); at most 20 of the 2000
+    neighbours may differ."""
     db, q, ref = clustered_map
     index = vindex.build_index(db, "hnsw")
     assert vindex.index_kind(index) == "hnsw"
     _, ids = vindex.search(index, q, 10)
-    assert overlap_at(ids, ref, 10) >= 0.95
+    assert overlap_at(ids, ref, 10) >= 0.99
 
 
 def test_more_nprobe_does_not_lower_recall(clustered_map):
@@ -157,7 +156,9 @@ def test_more_nprobe_does_not_lower_recall(clustered_map):
     vindex.set_search_params(index, nprobe=10 ** 6)  # clamped to nlist
     assert index.nprobe == index.nlist
     _, ids_all = vindex.search(index, q, 10)
+    # measured: 0.562 with one cell, 0.821 with all (only the PQ error left)
     assert overlap_at(ids_all, ref, 10) > overlap_at(ids1, ref, 10)
+    assert overlap_at(ids_all, ref, 10) >= 0.79
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,7 +189,6 @@ def test_explicit_nlist_is_clamped_with_warning(caplog):
 @pytest.mark.parametrize("dim, m", [(512, 64), (4096, 64), (128, 16), (100, 10), (96, 12), (7, 1), (13, 1)])
 def test_default_pq_m_rule(dim, m):
     assert vindex.default_pq_m(dim) == m
-    assert dim % m == 0
 
 
 def test_bad_pq_m_raises():

@@ -46,25 +46,6 @@ def query(scores_by_id, dim=DIM) -> np.ndarray:
     return q
 
 
-def hand_estimate(positions, ids, scores, cfg=CFG):
-    """Reference implementation of the documented formulas, in float64."""
-    pos = np.array([positions[i] for i in ids], dtype=np.float64)
-    s = np.asarray(scores, dtype=np.float32).astype(np.float64)
-    dist = np.hypot(pos[:, 0] - pos[0, 0], pos[:, 1] - pos[0, 1])
-    cons = dist <= cfg.consistency_radius_m
-    w = np.exp((s[cons] - s[0]) / cfg.temperature)
-    w = w / w.sum()
-    mean = (w[:, None] * pos[cons]).sum(axis=0)
-    spread = np.zeros((2, 2))
-    for wi, pi in zip(w, pos[cons]):
-        d = pi[:2] - mean[:2]
-        spread += wi * np.outer(d, d)
-    outside = s[~cons]
-    margin = s[0] - (outside.max() if outside.size else s[-1])
-    var = cfg.sigma_floor_m ** 2 + (1.0 - min(max(margin / cfg.margin_scale, 0.0), 1.0)) * cfg.sigma_ambiguous_m ** 2
-    return mean, spread + var * np.eye(2), margin, int(cons.sum())
-
-
 # --------------------------------------------------------------------------------------------
 # the best match alone
 # --------------------------------------------------------------------------------------------
@@ -112,11 +93,14 @@ def test_weighted_mean_of_consistent_candidates_by_hand():
     [est] = loc.localize(query(scores))
     assert list(est.ids[:6]) == [0, 1, 2, 4, 3, 5]
 
-    # by hand: w = exp((s - 0.90) / 0.02) = [1, e^-1, e^-2, e^-3] for keyframes 0, 1, 2, 4
+    # by hand: keyframes 0, 1, 2, 4 lie within 25 m of keyframe 0 (10, 20 and 5 m), 3 and 5 do not;
+    # w = exp((s - 0.90) / 0.02) = [1, e^-1, e^-2, e^-3], sum S = 1.5530018
     w = np.array([1.0, math.exp(-1.0), math.exp(-2.0), math.exp(-3.0)])
     w /= w.sum()
     p = np.array([POS_CLUSTER[i] for i in (0, 1, 2, 4)])
     mean = (w[:, None] * p).sum(axis=0)
+    # x = (10 e^-1 + 3 e^-3) / S, y = (20 e^-2 + 4 e^-3) / S, z = (2 e^-1 + 4 e^-2 - e^-3) / S
+    assert tuple(mean) == pytest.approx((2.465004, 1.871121, 0.790284), abs=1e-6)
     assert (est.x, est.y, est.z) == pytest.approx(tuple(mean), abs=1e-4)
     # the best match alone would be (0, 0): the weighting really moved the estimate
     assert est.x > 1.0 and est.y > 1.0
@@ -124,14 +108,10 @@ def test_weighted_mean_of_consistent_candidates_by_hand():
     # margin = 0.90 - 0.70 = 0.2 >= margin_scale -> confident: only sigma_floor is added
     assert est.margin == pytest.approx(0.2, abs=1e-6)
     spread = sum(wi * np.outer(pi[:2] - mean[:2], pi[:2] - mean[:2]) for wi, pi in zip(w, p))
+    np.testing.assert_allclose(spread, [[17.900565, -4.227617], [-4.227617, 31.869572]], atol=1e-5)
     np.testing.assert_allclose(est.covariance_xy, spread + 4.0 * np.eye(2), rtol=1e-4, atol=1e-4)
     assert est.covariance_xy[0, 1] == pytest.approx(est.covariance_xy[1, 0])
     assert est.covariance_xy[0, 1] != 0.0  # the spread is anisotropic and correlated here
-
-    ref_mean, ref_cov, ref_margin, ref_n = hand_estimate(POS_CLUSTER, est.ids, est.scores)
-    np.testing.assert_allclose([est.x, est.y, est.z], ref_mean, atol=1e-4)
-    np.testing.assert_allclose(est.covariance_xy, ref_cov, rtol=1e-4, atol=1e-4)
-    assert est.margin == pytest.approx(ref_margin, abs=1e-6) and est.consistent == ref_n
 
 
 def test_consistency_is_measured_from_the_best_match():
@@ -190,13 +170,20 @@ def test_custom_config_is_used():
     positions = [(0.0, 0.0, 0.0), (100.0, 0.0, 0.0), (0.0, 100.0, 0.0), (1000.0, 0.0, 0.0)]
     loc = Localizer(make_map(positions), cfg)
     [est] = loc.localize(query({0: 0.9, 1: 0.8, 2: 0.7, 3: 0.6}))
-    assert len(est.ids) == 3  # top_k
-    assert est.consistent == 3  # 500 m radius
-    mean, cov, margin, _ = hand_estimate(positions, est.ids, est.scores, cfg)
-    np.testing.assert_allclose([est.x, est.y], mean[:2], atol=1e-4)
-    np.testing.assert_allclose(est.covariance_xy, cov, rtol=1e-4)
-    # all retrieved candidates are consistent: margin is taken to the last retrieved score
-    assert margin == pytest.approx(0.2, abs=1e-6) and est.margin == pytest.approx(0.2, abs=1e-6)
+    assert list(est.ids) == [0, 1, 2]  # top_k 3
+    assert est.consistent == 3  # 500 m radius: keyframes 1 and 2 are 100 m from the best
+    # by hand, T = 1: w = [1, e^-0.1, e^-0.2] / S with S = 2.7235682 -> w1 = 0.3322250, w2 = 0.3006096
+    w1, w2 = math.exp(-0.1) / 2.7235682, math.exp(-0.2) / 2.7235682
+    # mean = w0 (0, 0) + w1 (100, 0) + w2 (0, 100) = (33.2225, 30.0610)
+    assert (est.x, est.y) == pytest.approx((100.0 * w1, 100.0 * w2), abs=1e-4)
+    assert (est.x, est.y) == pytest.approx((33.2225, 30.0610), abs=1e-4)
+    # spread = sum w_i p_i p_i^T - mean mean^T = 100^2 [[w1 (1 - w1), -w1 w2], [-w1 w2, w2 (1 - w2)]]
+    spread = 1e4 * np.array([[w1 * (1 - w1), -w1 * w2], [-w1 * w2, w2 * (1 - w2)]])
+    # all retrieved candidates are consistent: margin to the last retrieved score, 0.9 - 0.7 = 0.2;
+    # confidence 0.2 / margin_scale 1.0 = 0.2 -> variance 1^2 + (1 - 0.2) * 10^2 = 81
+    assert est.margin == pytest.approx(0.2, abs=1e-6)
+    np.testing.assert_allclose(est.covariance_xy, spread + 81.0 * np.eye(2), rtol=1e-4)
+    np.testing.assert_allclose(est.covariance_xy, [[2299.515, -998.700], [-998.700, 2183.435]], atol=5e-3)
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,10 +18,11 @@ import pymap3d
 import pytest
 import torch
 import yaml
-from PIL import Image
 
+from conftest import exif_gps_pillow
 from vpr_localizer.mapping import store as map_store
-from vpr_localizer.models.encoder import Encoder, EncoderConfig
+from vpr_localizer.models.config import EncoderConfig
+from vpr_localizer.models.encoder import Encoder
 from vpr_localizer.errors import FingerprintMismatchError, MapError, WeightsError
 from vpr_localizer.mapping.index import build_index
 from vpr_localizer.localization.localize import encoder_for_map
@@ -39,21 +40,6 @@ FINGERPRINT_KEYS = {"backbone", "weights_sha256", "preprocessing", "image_size",
 # --------------------------------------------------------------------------------------------
 # helpers and fixtures
 # --------------------------------------------------------------------------------------------
-
-def exif_gps_pillow(path) -> tuple:
-    """(lat, lon, alt) from the EXIF GPS IFD, read with Pillow (independent of piexif)."""
-    with Image.open(path) as im:
-        g = im.getexif().get_ifd(0x8825)
-
-    def deg(v):
-        d, m, s = (float(x) for x in v)
-        return d + m / 60.0 + s / 3600.0
-
-    lat = deg(g[2]) * (-1.0 if g.get(1) == "S" else 1.0)
-    lon = deg(g[4]) * (-1.0 if g.get(3) == "W" else 1.0)
-    alt = float(g[6]) * (-1.0 if g.get(5) in (1, b"\x01") else 1.0)
-    return lat, lon, alt
-
 
 def sha256(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()

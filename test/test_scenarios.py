@@ -14,7 +14,7 @@ import os
 import pytest
 from PIL import Image
 
-from vpr_localizer.models.encoder import EncoderConfig
+from vpr_localizer.models.config import EncoderConfig
 from vpr_localizer.evaluation.evaluate import evaluate
 from vpr_localizer.evaluation.scenarios import VGG16_WEIGHTS, get_scenario
 
@@ -97,7 +97,8 @@ def test_lund_even_map_odd_queries_metres(shared_dir, tmp_path_factory):
     assert m["map"]["geotagged"] and m["map"]["encoded"] == 14 and m["queries"]["encoded"] == 15
     loc = m["methods"]["NetVLAD"]["localization"]
     assert loc["within_m"]["25"]["correct"] == 15, loc["within_m"]
-    assert loc["median_error_m"] < 6.0, f"median {loc['median_error_m']:.1f} m (measured 4.2 m)"
+    # measured: median 4.23 m, the neighbouring errors in rank 3.97 and 4.66 m; one rank of slack
+    assert loc["median_error_m"] < 4.7, f"median {loc['median_error_m']:.2f} m (measured 4.23 m)"
     assert loc["within_m"]["3"]["correct"] >= 3, loc["within_m"]  # measured 4/15
     # the pose refinement must not be worse than taking the best match's position
     assert loc["mean_error_m"] <= loc["top1_mean_error_m"] + 1e-6
@@ -113,8 +114,5 @@ def test_nordland_winter_vs_summer_all_frames(shared_dir, tmp_path_factory):
     assert m["ground_truth"]["frame_step"] == 10  # thumbnails are every 10th source frame
     label = "frame+-1"
     c1, total = r_at(m, "NetVLAD", label, 1)
-    c10, _ = r_at(m, "NetVLAD", label, 10)
     assert total == 3576
     assert c1 >= NORDLAND_R1_MIN, f"NetVLAD R@1 {c1}/3576"
-    assert c10 >= c1
-    assert m["encoder"]["encode_ms_per_image"] > 0
