@@ -4,9 +4,11 @@ Synthetic route: ``N`` keyframes ``SPACING`` m apart on a line, each with a rand
 descriptor (64-D). A query frame at keyframe ``i`` has the descriptor ``m_i + NOISE * n``
 (``n`` standard normal, renormalised): with ``NOISE = 0.4`` single-frame retrieval returns the
 right keyframe first only about a third of the time, and its pose is more than 5 m off in most
-frames. The filter (default :class:`TrackingConfig`) must converge and follow the route.
+frames. The filter (:data:`FILTER_CFG`) must converge and follow the route.
 """
 from __future__ import annotations
+
+from dataclasses import replace
 
 import math
 
@@ -19,6 +21,11 @@ from vpr_localizer.localization.tracking import (FilteredLocalizer, OdometryTrac
                                                  route_order_keys)
 from vpr_localizer.mapping.index import build_index
 from vpr_localizer.mapping.store import Keyframe, VprMap
+
+# The synthetic route's filter: observation from the top 10 with a sharp likelihood. The node's
+# defaults (top_k 50, temperature 0.1, floor 0.3) are tuned on real Nordland descriptors
+# (benchmarks/tune_filter.py), whose similarities are spread differently.
+FILTER_CFG = TrackingConfig(top_k=10, temperature=0.05, floor=0.05)
 
 N = 400
 DIM = 64
@@ -73,7 +80,7 @@ def errors(ests, true_ranks, single=False):
 
 def test_converges_and_follows_where_single_frame_is_wrong():
     vmap, desc = route_map()
-    fl = FilteredLocalizer(Localizer(vmap, LOC_CFG))
+    fl = FilteredLocalizer(Localizer(vmap, LOC_CFG), FILTER_CFG)
     true = walk(200)
     ests = drive(fl, desc, true)
     single_top1 = np.mean([e.single.ids[0] == r for e, r in zip(ests, true)])
@@ -105,7 +112,7 @@ def test_pose_modes_map_and_mode_mean():
     vmap, desc = route_map()
     loc = Localizer(vmap, LOC_CFG)
     true = walk(80)
-    by_mode = {m: drive(FilteredLocalizer(loc, TrackingConfig(pose=m)), desc, true) for m in ("map", "mode_mean")}
+    by_mode = {m: drive(FilteredLocalizer(loc, replace(FILTER_CFG, pose=m)), desc, true) for m in ("map", "mode_mean")}
     for a, b in zip(by_mode["map"], by_mode["mode_mean"]):
         assert a.best_id == b.best_id                      # the same filter, only the pose differs
         assert a.x == SPACING * vmap.keyframes[a.best_id].frame and a.y == 0.0   # the MAP keyframe
@@ -115,7 +122,7 @@ def test_pose_modes_map_and_mode_mean():
 
 def test_relocalises_after_a_jump():
     vmap, desc = route_map()
-    fl = FilteredLocalizer(Localizer(vmap, LOC_CFG))
+    fl = FilteredLocalizer(Localizer(vmap, LOC_CFG), FILTER_CFG)
     true = walk(200)
     true[100:] += 150                                      # kidnapped 300 m ahead at frame 100
     err = errors(drive(fl, desc, true), true)
@@ -128,7 +135,7 @@ def test_relocalises_after_a_jump():
 
 def test_resets_on_a_time_gap():
     vmap, desc = route_map()
-    fl = FilteredLocalizer(Localizer(vmap, LOC_CFG))
+    fl = FilteredLocalizer(Localizer(vmap, LOC_CFG), FILTER_CFG)
     true = walk(60)
     stamps = 0.1 * np.arange(60)
     stamps[40:] += 10.0                                    # 10 s without frames > max_gap_s = 2 s
@@ -153,14 +160,14 @@ def test_uses_odometry_distance_when_given():
     true = 20 + 3 * np.arange(110)
     rng = np.random.default_rng(3)
     odom = [None] + list(3 * SPACING + rng.normal(0.0, 0.3, len(true) - 1))
-    with_odom = errors(drive(FilteredLocalizer(loc), desc, true, distances=odom), true)
-    without = errors(drive(FilteredLocalizer(loc), desc, true), true)
+    with_odom = errors(drive(FilteredLocalizer(loc, FILTER_CFG), desc, true, distances=odom), true)
+    without = errors(drive(FilteredLocalizer(loc, FILTER_CFG), desc, true), true)
     assert (with_odom[10:] <= 5.0).mean() >= 0.95, (with_odom[10:] <= 5.0).mean()
     assert (without[10:] <= 5.0).mean() < 0.5, (without[10:] <= 5.0).mean()
     # the same from an OdometryTrack (what the node feeds from nav_msgs/Odometry): 10 odometry
     # samples per frame along the true route, the distance between frame stamps looked up
     track = OdometryTrack(max_age_s=0.05)
-    fl = FilteredLocalizer(loc, odometry=track)
+    fl = FilteredLocalizer(loc, FILTER_CFG, odometry=track)
     rng = np.random.default_rng(1)
     ests = []
     for t, r in enumerate(true):
@@ -180,11 +187,11 @@ def test_route_order_from_frame_indices_and_map_without_positions():
     ranks = route_order_keys(vmap)
     np.testing.assert_array_equal(ranks, [kf.frame for kf in vmap.keyframes])
     true = walk(120)
-    ests = drive(FilteredLocalizer(Localizer(vmap, LOC_CFG)), desc, true)
+    ests = drive(FilteredLocalizer(Localizer(vmap, LOC_CFG), FILTER_CFG), desc, true)
     assert (errors(ests, true)[10:] <= 5.0).mean() >= 0.95
 
     bare, desc = route_map(positions=False, order=order)
-    fl = FilteredLocalizer(Localizer(bare, LOC_CFG))
+    fl = FilteredLocalizer(Localizer(bare, LOC_CFG), FILTER_CFG)
     assert not fl.has_positions
     ests = drive(fl, desc, true)
     follow = [abs(bare.keyframes[e.best_id].frame - r) <= 2 for e, r in zip(ests[10:], true[10:])]
@@ -199,7 +206,7 @@ def test_route_order_from_frame_indices_and_map_without_positions():
 
 def test_bad_input():
     vmap, desc = route_map(n=20)
-    fl = FilteredLocalizer(Localizer(vmap, LOC_CFG))
+    fl = FilteredLocalizer(Localizer(vmap, LOC_CFG), FILTER_CFG)
     with pytest.raises(ValueError, match="one descriptor"):
         fl.update(np.zeros((2, DIM), np.float32), 0.0)
     with pytest.raises(ValueError, match="NaN"):

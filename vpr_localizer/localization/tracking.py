@@ -70,6 +70,8 @@ class TrackingConfig:
             retrieval, the default; :class:`FilteredLocalizer` itself ignores this).
         pose: ``mode_mean`` (posterior-weighted mean position of the MAP mode's keyframes) or
             ``map`` (position of the MAP keyframe).
+        top_k: keyframes retrieved per frame as the filter's observation [-]; >= 1 (the
+            single-frame estimate inside :class:`TrackedPose` keeps ``localizer.top_k``).
         temperature: T of the observation likelihood exp(sim / T) [cosine similarity]; > 0.
         floor: likelihood of a keyframe outside the top-k relative to the best one [-]; in
             (0, 1]. Smaller = trust the retrieval more.
@@ -97,8 +99,11 @@ class TrackingConfig:
 
     enabled: bool = False
     pose: str = "mode_mean"
-    temperature: float = 0.05
-    floor: float = 0.05
+    # top_k, temperature and floor: the best of a sweep on the Nordland tuning part of the route
+    # (positions 1600-2575, never the held-out part): benchmarks/tune_filter.py
+    top_k: int = 50
+    temperature: float = 0.1
+    floor: float = 0.3
     v_min: int = 0
     v_max: int = 2
     odom_sigma_m: float = 1.0
@@ -113,6 +118,8 @@ class TrackingConfig:
     odom_max_age_s: float = 0.5
 
     def __post_init__(self) -> None:
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
+            raise ConfigError(f"filter top_k must be an integer >= 1, got {self.top_k!r}")
         if self.pose not in POSE_MODES:
             raise ConfigError(f"filter pose must be one of {', '.join(POSE_MODES)}, got {self.pose!r}")
         if not (isinstance(self.max_gap_s, (int, float)) and math.isfinite(self.max_gap_s) and self.max_gap_s >= 0):
@@ -272,13 +279,14 @@ class FilteredLocalizer:
             d = d[None]
         if d.ndim != 2 or d.shape[0] != 1:
             raise ValueError(f"FilteredLocalizer.update: one descriptor (1, D) expected, got shape {d.shape}")
-        scores, ids = self.localizer.retrieve(d)
+        scores, ids = self.localizer.retrieve(d, k=min(self.config.top_k, len(self.localizer.map)))
         return self.update_retrieval(ids[0], scores[0], stamp_s, distance_m)
 
     def update_retrieval(self, ids: np.ndarray, scores: np.ndarray, stamp_s: Optional[float] = None,
                          distance_m: Optional[float] = None) -> TrackedPose:
         """:meth:`update` from an existing top-k retrieval ``ids (k,)`` int64, ``scores (k,)``
-        (best first; ids of -1 are ignored).
+        (best first; ids of -1 are ignored): all k are the filter's observation, the first
+        ``localizer.top_k`` give the single-frame estimate.
 
         Raises:
             ValueError: no valid id, non-finite scores, stamp or distance, or a distance without
@@ -286,11 +294,14 @@ class FilteredLocalizer:
         """
         if distance_m is not None and not self._has_pos:
             raise ValueError("FilteredLocalizer: odometry (distance_m) needs a map with keyframe positions")
-        single = self.localizer.estimate(ids, scores)  # raises on an empty retrieval
+        ids, scores = np.asarray(ids, np.int64), np.asarray(scores, np.float32)
+        ok = ids >= 0
+        k = self.localizer.config.top_k
+        single = self.localizer.estimate(ids[:k], scores[:k])  # raises on an empty retrieval
         if (distance_m is None and self.odometry is not None and self._has_pos and stamp_s is not None
                 and self._last_stamp is not None):
             distance_m = self.odometry.distance(self._last_stamp, float(stamp_s))
-        est = self.filter.update(single.ids, single.scores.astype(np.float64), stamp_s, distance_m)
+        est = self.filter.update(ids[ok], scores[ok].astype(np.float64), stamp_s, distance_m)
         if stamp_s is not None:
             self._last_stamp = float(stamp_s)
         out = TrackedPose(ids=single.ids, scores=single.scores, best_id=int(est.keyframe),
