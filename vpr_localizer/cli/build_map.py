@@ -5,7 +5,7 @@ import argparse
 import logging
 import os
 
-from vpr_localizer.cli.common import add_encoder_args, encoder_config_from_args
+from vpr_localizer.cli.common import add_encoder_args, add_patch_args, encoder_config_from_args, patch_settings_from_args
 
 LOG = logging.getLogger("vpr_localizer.build_map")
 
@@ -28,6 +28,7 @@ def add_build_map_parser(sub) -> argparse.ArgumentParser:
                    help="FAISS index type (default flat = exact inner product)")
     b.add_argument("--overwrite", action="store_true", help="replace an existing map (atomically)")
     add_encoder_args(b)
+    add_patch_args(b, switch=True)
     b.set_defaults(func=run_build_map)
     return b
 
@@ -39,10 +40,16 @@ def run_build_map(args) -> int:
     from vpr_localizer.param_files import load_params
     from vpr_localizer.io.records import load_records
 
-    from vpr_localizer.errors import MapError
+    from vpr_localizer.errors import ConfigError, MapError
 
     if os.path.exists(args.out) and not args.overwrite:  # fail before minutes of encoding
         raise MapError(f"map already exists: {os.path.abspath(args.out)} (use --overwrite)")
+    patch_flags = [f for f, v in (("--patch-sizes", args.patch_sizes), ("--patch-dim", args.patch_dim),
+                                  ("--patch-pca-images", args.patch_pca_images),
+                                  ("--patch-pca-samples", args.patch_pca_samples)) if v is not None]
+    if patch_flags and not args.patches:
+        raise ConfigError(f"{', '.join(patch_flags)} only apply with --patches")
+    patches = patch_settings_from_args(args) if args.patches else None
     records = load_records(args.images, args.csv, args.gps, args.select, args.condition)
     index_kind = args.index or (load_params(args.params).get("map", {}).get("index", "flat")
                                 if args.params else "flat")
@@ -50,11 +57,16 @@ def run_build_map(args) -> int:
     encoder = Encoder(cfg)
     LOG.info("building map from %d images in %s with %s/%s at %dx%d on %s", len(records), args.images,
              cfg.backbone, cfg.aggregator, cfg.image_size[0], cfg.image_size[1], encoder.device)
-    report = build_map(records, encoder, args.out, index_kind=index_kind, overwrite=args.overwrite)
+    report = build_map(records, encoder, args.out, index_kind=index_kind, overwrite=args.overwrite, patches=patches)
     for path, reason in report.skipped:
         LOG.warning("skipped %s", reason)
     print(f"map written to {report.path}: {report.keyframes} keyframes, {len(report.skipped)} image(s) "
           f"skipped, descriptor {report.descriptor_dim}-D (PCA {'on' if report.pca_fitted else 'off'}), "
           f"{'geotagged (ENU datum in map.yaml)' if report.geotagged else 'no geodetic datum'}, "
           f"{report.seconds:.1f} s")
+    if report.patch_layout is not None:
+        lay = report.patch_layout
+        print(f"patch descriptors: sizes {lay['patch_sizes']} on a {lay['grid_hw'][1]}x{lay['grid_hw'][0]} cell grid, "
+              f"{lay['dim']}-D float16, {report.patch_bytes_per_keyframe} bytes per keyframe "
+              f"({report.patch_bytes_per_keyframe * report.keyframes / 2**20:.1f} MiB in all), {report.patch_seconds:.1f} s")
     return 0

@@ -13,13 +13,15 @@ def default_shared_dir() -> str:
 
 def add_encoder_args(p: argparse.ArgumentParser) -> None:
     """Encoder options shared by build-map and evaluate (override the --params file)."""
+    from vpr_localizer.models.registry import aggregator_names, backbone_names, preprocessing_names
+
     g = p.add_argument_group("encoder")
     g.add_argument("--params", help="ROS parameter YAML (config/*.yaml); its 'encoder' section is the base")
-    g.add_argument("--backbone", choices=["vgg16", "efficientnet_lite0"])
+    g.add_argument("--backbone", choices=backbone_names())
     g.add_argument("--weights", help="backbone weight file (vgg16: ../shared/weights/vgg16_features_imagenet_caffe_bgr.pth)")
-    g.add_argument("--preprocessing", choices=["caffe_bgr", "torchvision", "efficientnet_lite"])
+    g.add_argument("--preprocessing", choices=preprocessing_names())
     g.add_argument("--image-size", nargs=2, type=int, metavar=("W", "H"), help="network input size, pixels")
-    g.add_argument("--aggregator", choices=["netvlad", "gem", "gap"])
+    g.add_argument("--aggregator", choices=aggregator_names())
     g.add_argument("--clusters", type=int, dest="num_clusters", help="NetVLAD K (default 64)")
     g.add_argument("--pca-dim", type=int, help="PCA-whitening dimension, 0 = off (default 4096)")
     g.add_argument("--pca-min-images", type=int, help="fit PCA only on maps with at least this many images")
@@ -39,7 +41,7 @@ def add_encoder_args(p: argparse.ArgumentParser) -> None:
 
 def encoder_config_from_args(args, base: Optional[Dict] = None):
     """EncoderConfig from --params file, scenario defaults (``base``) and explicit flags."""
-    from vpr_localizer.models.encoder import EncoderConfig
+    from vpr_localizer.models.config import EncoderConfig
     from vpr_localizer.param_files import load_params
 
     d: Dict = dict(base or {})
@@ -66,3 +68,104 @@ def scenario_encoder_base(scenario, shared: str) -> Dict:
     return {"weights": os.path.join(shared, VGG16_WEIGHTS), "image_size": list(scenario.image_size),
             "segmentation_size": list(scenario.segmentation_size),
             "segmentation": SEGMENTATION_BACKEND, "segmentation_weights": os.path.join(shared, SEGMENTATION_WEIGHTS)}
+
+
+def add_sequence_args(p: argparse.ArgumentParser, many: bool = True) -> None:
+    """SeqSLAM options (sequence matching over consecutive query frames; Milford & Wyeth, ICRA 2012)."""
+    g = p.add_argument_group("sequence matching (SeqSLAM)")
+    if many:
+        g.add_argument("--sequence", nargs="+", type=int, default=[], metavar="L",
+                       help="also score SeqSLAM with these sequence lengths, in query frames (e.g. 10 20 40), "
+                            "beside single-frame results")
+    else:
+        g.add_argument("--sequence", type=int, metavar="L",
+                       help="localise by SeqSLAM over the last L query frames (the images in name order)")
+    g.add_argument("--sequence-velocity", nargs=2, type=float, metavar=("VMIN", "VMAX"), default=None,
+                   help="map keyframes per query frame searched by SeqSLAM (default 0.8 1.2)")
+    if many:
+        g.add_argument("--online-filter", action="store_true",
+                       help="also score the vpr_localizer node's HMM filter run frame by frame over the queries")
+
+
+def online_filter_from_args(args):
+    """The node's default :class:`~vpr_localizer.localization.tracking.TrackingConfig` when
+    ``--online-filter`` is given, else None."""
+    from vpr_localizer.localization.tracking import TrackingConfig
+
+    return TrackingConfig() if getattr(args, "online_filter", False) else None
+
+
+def sequence_config_from_args(args):
+    """The :class:`~vpr_localizer.localization.sequence.SequenceConfig` of the --sequence-* flags.
+
+    Raises:
+        ConfigError: invalid values (a length < 1, VMIN > VMAX ...).
+    """
+    from vpr_localizer.localization.sequence import SequenceConfig
+
+    lengths = args.sequence if isinstance(args.sequence, list) else [args.sequence]
+    kw = {"seq_len": lengths[0]} if lengths and lengths[0] else {}
+    if getattr(args, "sequence_velocity", None):
+        kw.update(v_min=args.sequence_velocity[0], v_max=args.sequence_velocity[1])
+    return SequenceConfig(**kw)
+
+
+def add_patch_args(p: argparse.ArgumentParser, switch: bool = False) -> None:
+    """Patch-NetVLAD descriptor options (Hausler et al., CVPR 2021); ``switch`` adds ``--patches``."""
+    from vpr_localizer.models.patch_encoder import DEFAULT_PATCH_DIM
+    from vpr_localizer.models.patch_netvlad import DEFAULT_PATCH_SIZES
+
+    g = p.add_argument_group("Patch-NetVLAD patch descriptors")
+    if switch:
+        g.add_argument("--patches", action="store_true",
+                       help="also store every keyframe's Patch-NetVLAD descriptors (float16) and a patch PCA "
+                            "in the map, for re-ranking (localize --rerank)")
+    g.add_argument("--patch-sizes", nargs="+", type=int, metavar="P", default=None,
+                   help=f"square patch sizes in feature-grid cells (default {' '.join(map(str, DEFAULT_PATCH_SIZES))}, "
+                        "or 5 alone when only the speed mode is evaluated; "
+                        "VGG16 has 16 px per cell, so p needs p*16 px on the shorter input side)")
+    g.add_argument("--patch-dim", type=int, default=None,
+                   help=f"patch descriptor dimension after the patch PCA (default {DEFAULT_PATCH_DIM}, the paper's speed mode)")
+    g.add_argument("--patch-pca-images", type=int, default=None,
+                   help="map images sampled to fit the patch PCA (default 50)")
+    g.add_argument("--patch-pca-samples", type=int, default=None,
+                   help="patch descriptors sampled to fit the patch PCA (default 2048)")
+
+
+def patch_settings_from_args(args):
+    """The :class:`~vpr_localizer.models.patch_encoder.PatchSettings` of the --patch-* flags.
+
+    Raises:
+        ConfigError: invalid values.
+    """
+    from vpr_localizer.models.patch_encoder import PatchSettings
+
+    kw: Dict = {}
+    if getattr(args, "patch_sizes", None):
+        kw["patch_sizes"] = tuple(args.patch_sizes)
+    for key, name in (("patch_dim", "dim"), ("patch_pca_images", "pca_images"), ("patch_pca_samples", "pca_samples")):
+        if getattr(args, key, None) is not None:
+            kw[name] = getattr(args, key)
+    return PatchSettings(**kw)
+
+
+def add_rerank_args(p: argparse.ArgumentParser, many: bool = True) -> None:
+    """Patch-NetVLAD re-ranking options (the global top-k re-ordered by patch matches)."""
+    g = p.add_argument_group("Patch-NetVLAD re-ranking")
+    if many:
+        g.add_argument("--rerank", nargs="+", default=[], choices=["ransac", "spatial"],
+                       help="also score NetVLAD + Patch-NetVLAD re-ranking: ransac = performance mode (RANSAC, "
+                            "every patch size), spatial = speed mode (rapid spatial scoring, patch size 5)")
+    else:
+        g.add_argument("--rerank", default="none", choices=["none", "ransac", "spatial"],
+                       help="re-rank the global top-k with the map's patch descriptors: ransac = performance "
+                            "mode, spatial = speed mode (the map must be built with --patches)")
+    g.add_argument("--rerank-k", type=int, default=100, help="global candidates re-ranked (default 100)")
+
+
+def rerank_configs_from_args(args):
+    """One :class:`~vpr_localizer.localization.rerank.RerankConfig` per --rerank mode (none: [])."""
+    from vpr_localizer.localization.rerank import RerankConfig
+
+    modes = args.rerank if isinstance(args.rerank, list) else [args.rerank]
+    return [RerankConfig(mode=m, k=args.rerank_k) for m in modes if m and m != "none"]

@@ -20,8 +20,10 @@ import os
 import sys
 from typing import Dict, List, Optional
 
-from vpr_localizer.cli.common import (add_encoder_args, default_shared_dir, encoder_config_from_args,
-                                      scenario_encoder_base)
+from vpr_localizer.cli.common import (add_encoder_args, add_patch_args, add_rerank_args, add_sequence_args,
+                                      default_shared_dir, encoder_config_from_args, patch_settings_from_args,
+                                      rerank_configs_from_args, online_filter_from_args, scenario_encoder_base,
+                                      sequence_config_from_args)
 from vpr_localizer.errors import ConfigError
 
 LOG = logging.getLogger("vpr_localizer")
@@ -35,6 +37,9 @@ def _cmd_localize(args) -> int:
     from vpr_localizer.param_files import load_params
     from vpr_localizer.io.records import load_records
 
+    rerank = rerank_configs_from_args(args)
+    if rerank and args.sequence:
+        raise ConfigError("--rerank and --sequence cannot be combined (re-ranking is single-frame)")
     vmap = VprMap.load(args.map)
     encoder = encoder_for_map(vmap, weights=args.weights, device=args.device or "auto",
                               checkpoint=args.checkpoint)
@@ -43,8 +48,25 @@ def _cmd_localize(args) -> int:
         lcfg["top_k"] = args.top_k
     loc = Localizer(vmap, LocalizerConfig.from_dict(lcfg))
     recs = load_records(args.images, args.csv, "auto", args.select)
-    res = encoder.encode_paths([r.path for r in recs], progress="encoding queries")
-    ests = loc.localize(res.descriptors) if len(res.ok) else []
+    on_batch, rerank_ests = None, []
+    if rerank:
+        from vpr_localizer.localization.rerank import query_patch_encoder
+
+        expected = {k: v for k, v in (("patch_sizes", args.patch_sizes), ("dim", args.patch_dim)) if v}
+        loc.reranker(rerank[0], expected)  # no patches / another patch configuration: fail before encoding
+        penc = query_patch_encoder(encoder, vmap)
+
+        def on_batch(idx, enc):  # re-rank batch by batch: the query patches are not kept
+            rerank_ests.extend(loc.localize_reranked(enc.descriptors, penc.extract(enc.features), rerank[0]))
+    res = encoder.encode_paths([r.path for r in recs], progress="encoding queries", on_batch=on_batch)
+    if not len(res.ok):
+        ests = []
+    elif rerank:
+        ests = rerank_ests
+    elif args.sequence:
+        ests = loc.localize_sequence(res.descriptors, sequence_config_from_args(args))
+    else:
+        ests = loc.localize(res.descriptors)
     rows = [e.as_dict(recs[i].name, vmap.keyframes) for i, e in zip(res.ok, ests)]
     out = args.out
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -58,9 +80,29 @@ def _cmd_localize(args) -> int:
                 w.writeheader()
                 for r in rows:
                     w.writerow({k: (json.dumps(v) if isinstance(v, list) else v) for k, v in r.items()})
-    print(f"localised {len(rows)} of {len(recs)} images against {vmap.path} ({len(vmap)} keyframes); "
+    how = (f" with Patch-NetVLAD re-ranking ({rerank[0].mode}, top {rerank[0].k}; "
+           f"{1e3 * res.callback_seconds / max(len(res.ok), 1):.0f} ms/image for patches + re-ranking)" if rerank else "")
+    print(f"localised {len(rows)} of {len(recs)} images against {vmap.path} ({len(vmap)} keyframes){how}; "
           f"skipped {len(res.skipped)}; wrote {out}")
     return 0
+
+
+def _rerank_kwargs(args) -> Dict:
+    """``evaluate()`` keyword arguments of the --rerank / --patch-* / --query-step flags."""
+    rerank = rerank_configs_from_args(args)
+    patch_flags = [f for f, v in (("--patch-sizes", args.patch_sizes), ("--patch-dim", args.patch_dim),
+                                  ("--patch-pca-images", args.patch_pca_images),
+                                  ("--patch-pca-samples", args.patch_pca_samples)) if v is not None]
+    if patch_flags and not rerank:
+        raise ConfigError(f"{', '.join(patch_flags)} only apply with --rerank")
+    settings = patch_settings_from_args(args) if rerank else None
+    if settings is not None and args.patch_sizes is None and all(c.mode == "spatial" for c in rerank):
+        from dataclasses import replace
+
+        from vpr_localizer.localization.rerank import SPEED_MODE_PATCH_SIZE
+
+        settings = replace(settings, patch_sizes=(SPEED_MODE_PATCH_SIZE,), strides=(1,))  # speed mode only scores p=5
+    return {"rerank": rerank, "patch_settings": settings, "query_step": args.query_step}
 
 
 def _run_scenario(name: str, args) -> Dict:
@@ -74,7 +116,9 @@ def _run_scenario(name: str, args) -> Dict:
     out = os.path.join(args.out, sc.name)
     LOG.info("scenario %s: %s", sc.name, sc.description)
     res = evaluate(sc.map.load(datasets), sc.queries.load(datasets), cfg, sc.gt, out, name=sc.name,
-                   description=sc.description, save_map_dir=not getattr(args, "no_map", False))
+                   description=sc.description, save_map_dir=not getattr(args, "no_map", False),
+                   sequence_lengths=args.sequence, sequence_config=sequence_config_from_args(args),
+                   online_filter=online_filter_from_args(args), **_rerank_kwargs(args))
     print(f"== {sc.name}: {sc.description}")
     for line in summary_lines(res.metrics):
         print("   " + line)
@@ -96,7 +140,9 @@ def _cmd_evaluate(args) -> int:
     gt = GroundTruth(args.gt, thresholds_m=tuple(args.thresholds), frame_tolerance=args.frame_tolerance)
     mrec = load_records(args.map_images, args.map_csv, "auto", args.map_select, args.map_condition)
     qrec = load_records(args.query_images, args.query_csv, "auto", args.query_select, args.query_condition)
-    res = evaluate(mrec, qrec, cfg, gt, args.out, name=args.name)
+    res = evaluate(mrec, qrec, cfg, gt, args.out, name=args.name, sequence_lengths=args.sequence,
+                   sequence_config=sequence_config_from_args(args), online_filter=online_filter_from_args(args),
+                   **_rerank_kwargs(args))
     for line in summary_lines(res.metrics):
         print(line)
     print(f"metrics and plots in {args.out}")
@@ -264,6 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--params", help="ROS parameter YAML; its 'localizer' section sets the pose estimator")
     q.add_argument("--top-k", type=int)
     q.add_argument("--out", required=True, help="results .csv or .json")
+    add_sequence_args(q, many=False)
+    add_rerank_args(q, many=False)
+    q.add_argument("--patch-sizes", nargs="+", type=int, metavar="P",
+                   help="expected patch sizes of the map (cells); a map built with others is refused")
+    q.add_argument("--patch-dim", type=int, help="expected patch descriptor dimension of the map")
     q.set_defaults(func=_cmd_localize)
 
     e = sub.add_parser("evaluate", help="recall@N / error metrics with GeM and GAP baselines, plots")
@@ -281,6 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--thresholds", nargs="+", type=float, default=[25.0, 3.0], help="metres")
     e.add_argument("--frame-tolerance", type=int, default=1)
     add_encoder_args(e)
+    add_sequence_args(e)
+    add_rerank_args(e)
+    add_patch_args(e)
+    e.add_argument("--query-step", type=int, default=1, help="keep every N-th query (all methods alike; default 1)")
     e.set_defaults(func=_cmd_evaluate)
 
     d = sub.add_parser("demo", help="run every real-data scenario and print the results table")
@@ -294,6 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--rate", type=float, default=0.25,
                    help="bag replay speed for the ROS part (slow enough for the encoder on this machine)")
     add_encoder_args(d)
+    add_sequence_args(d)
+    add_rerank_args(d)
+    add_patch_args(d)
+    d.add_argument("--query-step", type=int, default=1, help="keep every N-th query (all methods alike; default 1)")
     d.set_defaults(func=_cmd_demo)
 
     from vpr_localizer.evaluation.scenarios import TRAINING_SETS

@@ -1,7 +1,7 @@
 """Evaluation: recall@N, localisation error, baselines, metrics JSON and plots.
 
-Metrics follow ``../shared/docs/RESEARCH.md`` section 8: recall@N (N = 1, 5, 10) at a distance
-threshold (25 m standard, 3 m as in the seed paper) or at a frame tolerance; mean and median
+Metrics: recall@N (N = 1, 5, 10) at a distance threshold (25 m as in NetVLAD, Arandjelovic et
+al., CVPR 2016; 3 m as in the segmentation + attention Patch-NetVLAD method this project builds on) or at a frame tolerance; mean and median
 localisation error in metres; accuracy within 3 m; always with counts.
 
 Every evaluation also reports global average pooling (GAP) and GeM (p=3) on the same backbone
@@ -15,17 +15,24 @@ import math
 import os
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from vpr_localizer.models.encoder import Encoder, EncoderConfig, baseline_heads
+from vpr_localizer.models.config import EncoderConfig
+from vpr_localizer.models.encoder import Encoder, baseline_heads
 from vpr_localizer.errors import DatasetError
 from vpr_localizer.mapping.index import build_index, search
 from vpr_localizer.localization.localize import Localizer, LocalizerConfig
+from vpr_localizer.localization.rerank import RerankConfig, merge_ranking
+from vpr_localizer.localization.sequence import SequenceConfig
+from vpr_localizer.localization.tracking import TrackingConfig
+from vpr_localizer.evaluation.online import filter_entry
+from vpr_localizer.mapping.patches import MapPatches, PatchSpool
 from vpr_localizer.mapping.store import VprMap
 from vpr_localizer.mapping.build import encode_map, keyframes_from_records, localize_records, save_map
+from vpr_localizer.models.patch_encoder import PatchEncoder, PatchSettings
 from vpr_localizer.io.records import ImageRecord
 
 LOG = logging.getLogger(__name__)
@@ -124,10 +131,11 @@ def recall_at_n(ranked_ids: np.ndarray, relevant: np.ndarray, ns: Sequence[int] 
     return out
 
 
-def _in_memory_map(records: Sequence[ImageRecord], descriptors: np.ndarray, datum) -> VprMap:
+def _in_memory_map(records: Sequence[ImageRecord], descriptors: np.ndarray, datum,
+                   patches: Optional[MapPatches] = None) -> VprMap:
     index = build_index(np.ascontiguousarray(descriptors, dtype=np.float32), "flat")
     meta = {"datum": None if datum is None else datum.as_dict(), "encoder": {}}
-    return VprMap("<memory>", meta, keyframes_from_records(records), index, {})
+    return VprMap("<memory>", meta, keyframes_from_records(records), index, {}, patches)
 
 
 def _fmt_recall(r: Dict, n: int) -> str:
@@ -146,12 +154,39 @@ class EvaluationResult:
 def evaluate(map_records: Sequence[ImageRecord], query_records: Sequence[ImageRecord],
              encoder_config: EncoderConfig, gt: GroundTruth, out_dir: str, name: str = "evaluation",
              localizer_config: Optional[LocalizerConfig] = None, save_map_dir: bool = True,
-             max_n: int = 25, progress: bool = True, description: str = "") -> EvaluationResult:
+             max_n: int = 25, progress: bool = True, description: str = "",
+             sequence_lengths: Sequence[int] = (), sequence_config: Optional[SequenceConfig] = None,
+             rerank: Sequence[RerankConfig] = (), patch_settings: Optional[PatchSettings] = None,
+             query_step: int = 1, online_filter: Optional[TrackingConfig] = None) -> EvaluationResult:
     """Build a map from ``map_records``, query it with ``query_records`` and score everything.
 
     Methods scored: ``NetVLAD`` (the encoder's final descriptor, with PCA whitening when the map
     is large enough), ``NetVLAD (no PCA)`` when PCA was applied, and the baselines ``GeM`` and
-    ``GAP`` on the same backbone features.
+    ``GAP`` on the same backbone features. With ``sequence_lengths``, also
+    ``NetVLAD + SeqSLAM L=<n>`` per length: SeqSLAM sequence matching (Milford & Wyeth, ICRA
+    2012; :mod:`vpr_localizer.localization.sequence`) over the NetVLAD query-vs-map similarity
+    matrix, the queries taken in their given (temporal) order, so single-frame and sequence
+    results come from the same descriptors in the same run. With ``rerank``, also
+    ``NetVLAD + Patch-NetVLAD (performance)`` (``ransac``) and/or ``(speed)`` (``spatial``):
+    the NetVLAD top-k re-ranked by Patch-NetVLAD (Hausler et al., CVPR 2021;
+    :mod:`vpr_localizer.localization.rerank`) with the map's patch descriptors (made in the map
+    pass, ``patch_settings``) and the queries' (made in the query pass from the same feature
+    maps); its entry has a ``rerank`` block with ms/query and bytes/keyframe.
+
+    Args:
+        sequence_lengths: SeqSLAM sequence lengths L in query frames (empty: none).
+        sequence_config: the other SeqSLAM parameters (velocity range, contrast window); its
+            ``seq_len`` and ``top_k`` are replaced per run.
+        rerank: Patch-NetVLAD re-ranking configurations, one row each (empty: none).
+        patch_settings: the patch descriptors (sizes, dim, PCA sample); default
+            :class:`PatchSettings` (sizes 2, 5, 8; 512-D). The input must give a feature grid
+            of at least the largest patch size (else ConfigError, e.g. Nordland needs
+            ``image_size`` 512x256 rather than 128x64).
+        query_step: keep every ``query_step``-th query (1 = all), for every method alike.
+        online_filter: also ``NetVLAD + HMM filter (online)``: the ``vpr_localizer`` node's
+            sequence filter (:mod:`vpr_localizer.evaluation.online`) run frame by frame over the
+            queries in order; its entry adds recall over the frames after convergence and the
+            frame at which it converged.
 
     Writes into ``out_dir``: ``metrics.json``, ``recall.png``, ``poses.csv`` and, for metric
     ground truth, ``trajectory.png`` and ``error_cdf.png``; for at most 40 queries
@@ -162,17 +197,38 @@ def evaluate(map_records: Sequence[ImageRecord], query_records: Sequence[ImageRe
 
     Raises:
         DatasetError: unreadable sets or missing ground truth.
+        ConfigError: patch sizes that do not fit the feature grid.
     """
     from vpr_localizer.evaluation import plots
 
     os.makedirs(out_dir, exist_ok=True)
     t_start = time.perf_counter()
+    if int(query_step) < 1:
+        raise ValueError(f"query_step must be >= 1, got {query_step}")
+    query_records = list(query_records)[::int(query_step)]
+    rerank = [c for c in rerank if c.enabled]
     encoder = Encoder(encoder_config)
     heads = baseline_heads()
-    menc = encode_map(map_records, encoder, extra_heads=heads, progress=progress)
+    menc = encode_map(map_records, encoder, extra_heads=heads, progress=progress,
+                      patches=(patch_settings or PatchSettings()) if rerank else None)
     mrecs = menc.records
-    qres = encoder.encode_paths([r.path for r in query_records], extra_heads=heads,
-                                progress="encoding queries" if progress else None)
+    qspool, q_on_batch = None, None
+    if menc.patches is not None:
+        lay = menc.patches.layout
+        penc = PatchEncoder(encoder, lay.patch_sizes, lay.strides, menc.patches.pca)
+        qspool = PatchSpool(lay, menc.patches.pca)
+
+        def q_on_batch(idx, enc):
+            for scales in penc.extract(enc.features):
+                qspool.append(scales)
+    try:
+        qres = encoder.encode_paths([r.path for r in query_records], extra_heads=heads,
+                                    progress="encoding queries" if progress else None, on_batch=q_on_batch)
+    except BaseException:
+        if qspool is not None:
+            qspool.discard()
+        raise
+    qpatches = qspool.finish() if qspool is not None else None
     qrecs = localize_records([query_records[i] for i in qres.ok], menc.datum)
     if not qrecs:
         raise DatasetError("none of the query images could be read")
@@ -206,22 +262,30 @@ def evaluate(map_records: Sequence[ImageRecord], query_records: Sequence[ImageRe
             gt_xy = np.array([[r.x, r.y] for r in qrecs])
             est_xy = np.array([[e.x, e.y] for e in ests])
             err = np.linalg.norm(est_xy - gt_xy, axis=1)
-            top1_xy = np.array([[mrecs[i].x, mrecs[i].y] for i in ids[:, 0]])
-            top1_err = np.linalg.norm(top1_xy - gt_xy, axis=1)
-            entry["localization"] = {
-                "mean_error_m": float(err.mean()), "median_error_m": float(np.median(err)),
-                "within_m": {f"{t:g}": {"correct": int((err <= t).sum()), "total": int(len(err))}
-                             for t in gt.thresholds_m},
-                "top1_mean_error_m": float(top1_err.mean()), "top1_median_error_m": float(np.median(top1_err)),
-                "top1_within_m": {f"{t:g}": {"correct": int((top1_err <= t).sum()), "total": int(len(err))}
-                                  for t in gt.thresholds_m},
-                "errors_m": [round(float(e), 3) for e in err],
-            }
+            entry["localization"] = _localization_metrics(ests, ids[:, 0], mrecs, qrecs, gt)
             if mname == "NetVLAD":
                 estimates_main = (ests, est_xy, gt_xy, err)
         if mname == "NetVLAD":
             main_ids, main_scores = ids, scores
         results[mname] = entry
+
+    for seq_len in sequence_lengths:
+        mdesc, qdesc = methods["NetVLAD"]
+        entry, ests = _sequence_entry(mdesc, qdesc, mrecs, qrecs, rel, gt, lcfg, int(seq_len), k_all,
+                                      sequence_config or SequenceConfig(), menc.datum)
+        results[f"NetVLAD + SeqSLAM L={int(seq_len)}"] = entry
+
+    if online_filter is not None:
+        mdesc, qdesc = methods["NetVLAD"]
+        out = filter_entry(Localizer(_in_memory_map(mrecs, mdesc, menc.datum), lcfg), qdesc, rel, recall_at_n,
+                           RECALL_NS, online_filter)
+        results["NetVLAD + HMM filter (online)"] = {"descriptor_dim": int(mdesc.shape[1]), **out}
+
+    for rc in rerank:
+        mdesc, qdesc = methods["NetVLAD"]
+        entry = _rerank_entry(mdesc, qdesc, mrecs, qrecs, rel, gt, lcfg, rc, k_all, menc, qpatches,
+                              1e3 * qres.callback_seconds / max(len(qrecs), 1), progress)
+        results[f"NetVLAD + Patch-NetVLAD ({rc.paper_name})"] = entry
 
     # per-query output of the main method
     rows = []
@@ -240,7 +304,8 @@ def evaluate(map_records: Sequence[ImageRecord], query_records: Sequence[ImageRe
 
     primary = gt.labels()[0]
     files["recall_plot"] = plots.plot_recall_curve(
-        {m: {n + 1: v for n, v in enumerate(e["recall_curve"][primary])} for m, e in results.items()},
+        {m: {n + 1: v for n, v in enumerate(e["recall_curve"][primary])} for m, e in results.items()
+         if "recall_curve" in e},
         os.path.join(out_dir, "recall.png"), title=f"{name}: recall@N ({primary})",
         counts={m: (e["recall"][primary]["at"][1]["correct"], e["recall"][primary]["at"][1]["total"])
                 for m, e in results.items()})
@@ -269,12 +334,14 @@ def evaluate(map_records: Sequence[ImageRecord], query_records: Sequence[ImageRe
                          "frame_step": frame_step([r.frame for r in mrecs]) if gt.kind == "frame" else None},
         "map": {"images": len(map_records), "encoded": len(mrecs), "skipped": menc.result.skipped,
                 "geotagged": menc.datum is not None, "pca_fitted": menc.pca_fitted},
-        "queries": {"images": len(query_records), "encoded": len(qrecs), "skipped": qres.skipped},
+        "queries": {"images": len(query_records), "encoded": len(qrecs), "skipped": qres.skipped,
+                    "step": int(query_step)},
         "encoder": {"config": encoder_config.to_dict(), "fingerprint": encoder.fingerprint(),
                     "device": str(encoder.device),
                     "encode_ms_per_image": 1000.0 * qres.seconds_per_image,
                     "map_encode_ms_per_image": 1000.0 * menc.result.seconds_per_image},
         "methods": results,
+        **({"patches": _patch_summary(menc, qres, len(qrecs))} if menc.patches is not None else {}),
         "seconds_total": time.perf_counter() - t_start,
         "machine": {"python": platform.python_version(), "platform": platform.platform(),
                     "cpu_count": os.cpu_count()},
@@ -283,6 +350,101 @@ def evaluate(map_records: Sequence[ImageRecord], query_records: Sequence[ImageRe
         json.dump(_jsonable(metrics), f, indent=2)
     files["metrics"] = os.path.join(out_dir, "metrics.json")
     return EvaluationResult(metrics, files)
+
+
+def _localization_metrics(ests, top1_ids: np.ndarray, mrecs, qrecs, gt: GroundTruth) -> Dict:
+    """Pose errors (metres) of one method against the queries' positions: mean, median and
+    within each threshold of the estimates (``ests``) and of the top-1 keyframe position alone
+    (``top1_ids (Q,)``), with counts, and every error."""
+    gt_xy = np.array([[r.x, r.y] for r in qrecs])
+    err = np.linalg.norm(np.array([[e.x, e.y] for e in ests]) - gt_xy, axis=1)
+    top1_err = np.linalg.norm(np.array([[mrecs[i].x, mrecs[i].y] for i in top1_ids]) - gt_xy, axis=1)
+
+    def within(e: np.ndarray) -> Dict:
+        return {f"{t:g}": {"correct": int((e <= t).sum()), "total": int(len(e))} for t in gt.thresholds_m}
+
+    return {"mean_error_m": float(err.mean()), "median_error_m": float(np.median(err)), "within_m": within(err),
+            "top1_mean_error_m": float(top1_err.mean()), "top1_median_error_m": float(np.median(top1_err)),
+            "top1_within_m": within(top1_err), "errors_m": [round(float(e), 3) for e in err]}
+
+
+def _sequence_entry(mdesc: np.ndarray, qdesc: np.ndarray, mrecs, qrecs, rel: Dict[str, np.ndarray],
+                    gt: GroundTruth, lcfg: LocalizerConfig, seq_len: int, k_all: int, base: SequenceConfig,
+                    datum) -> Tuple[Dict, Optional[list]]:
+    """Metrics of SeqSLAM (:meth:`Localizer.sequence_candidates`) on one descriptor set, in the
+    same layout as the single-frame entries (recall, curve, localisation) plus its timing."""
+    loc = Localizer(_in_memory_map(mrecs, mdesc, datum), lcfg)
+    cfg = replace(base, seq_len=seq_len, top_k=k_all)
+    t0 = time.perf_counter()
+    scores, ids = loc.sequence_candidates(np.ascontiguousarray(qdesc, np.float32), cfg)
+    ms_per_query = 1e3 * (time.perf_counter() - t0) / max(len(qrecs), 1)
+    entry = {"descriptor_dim": int(mdesc.shape[1]), "sequence": {
+                 "seq_len": seq_len, "v_min": cfg.v_min, "v_max": cfg.v_max, "v_steps": cfg.v_steps,
+                 "r_window": cfg.r_window, "ms_per_query": ms_per_query},
+             "recall": {lab: recall_at_n(ids, r, RECALL_NS) for lab, r in rel.items()},
+             "recall_curve": {lab: [float(np.mean(np.take_along_axis(r, ids[:, :n], 1).any(1)[r.any(1)]))
+                                    if r.any() else math.nan for n in range(1, ids.shape[1] + 1)]
+                              for lab, r in rel.items()}}
+    ests = None
+    if gt.kind == "position":
+        ests = [loc.estimate(i, s) for i, s in zip(ids[:, :lcfg.top_k], scores[:, :lcfg.top_k])]
+        entry["localization"] = _localization_metrics(ests, ids[:, 0], mrecs, qrecs, gt)
+    return entry, ests
+
+
+def _patch_summary(menc, qres, n_queries: int) -> Dict:
+    """The ``patches`` block of metrics.json: layout, storage and extraction times."""
+    mp = menc.patches
+    return {**mp.layout.config(), "counts": list(mp.layout.counts), "dtype": "float16",
+            "bytes_per_keyframe": int(mp.bytes_per_keyframe),
+            "map_bytes": int(mp.bytes_per_keyframe) * len(mp),
+            "pca": {"input_dim": int(mp.pca.input_dim), "dim": int(mp.pca.dim),
+                    "images": mp.info.get("pca_images"), "samples": mp.info.get("pca_samples"),
+                    "seconds": mp.info.get("pca_seconds")},
+            "map_extract_ms_per_image": mp.info.get("extract_ms_per_image"),
+            "query_extract_ms_per_image": 1e3 * qres.callback_seconds / max(n_queries, 1),
+            "map_patch_seconds_total": float(menc.patch_seconds)}
+
+
+def _rerank_entry(mdesc: np.ndarray, qdesc: np.ndarray, mrecs, qrecs, rel: Dict[str, np.ndarray],
+                  gt: GroundTruth, lcfg: LocalizerConfig, rc: RerankConfig, k_all: int, menc,
+                  qpatches: MapPatches, query_patch_ms: float, progress: bool) -> Dict:
+    """Metrics of NetVLAD + Patch-NetVLAD re-ranking (:class:`~vpr_localizer.localization.rerank.PatchReranker`)
+    in the layout of the single-frame entries, plus a ``rerank`` block (mode, k, patch sizes,
+    ms/query of the re-ranking alone, query patch extraction ms/image, bytes/keyframe)."""
+    from tqdm import tqdm
+
+    loc = Localizer(_in_memory_map(mrecs, mdesc, menc.datum, menc.patches), lcfg)
+    rr = loc.reranker(rc)
+    n_map = len(mrecs)
+    scores, ids = loc.retrieve(np.ascontiguousarray(qdesc, np.float32), min(max(rc.k, k_all), n_map))
+    q = len(qrecs)
+    ranked_ids = np.zeros((q, ids.shape[1]), np.int64)
+    ranked_scores = np.zeros((q, ids.shape[1]), np.float32)
+    seconds = 0.0
+    for qi in tqdm(range(q), desc=f"re-ranking ({rc.paper_name})", unit="query", disable=not progress, leave=False):
+        res = rr.rerank(qpatches.keyframe(qi, rr.sizes), ids[qi], scores[qi])
+        seconds += res.seconds
+        fi, fs = merge_ranking(res, ids[qi], scores[qi])
+        ranked_ids[qi], ranked_scores[qi] = fi, fs
+    lay = menc.patches.layout
+    entry = {"descriptor_dim": int(mdesc.shape[1]), "rerank": {
+                 "mode": rc.mode, "paper_mode": rc.paper_name, "k": int(rc.k), "k_effective": int(min(rc.k, n_map)),
+                 "patch_sizes_scored": list(rr.sizes), "patch_sizes_stored": list(lay.patch_sizes),
+                 "strides": list(lay.strides), "dim": int(lay.dim), "grid_hw": list(lay.grid_hw),
+                 "ms_per_query": 1e3 * seconds / max(q, 1), "query_patch_extract_ms_per_image": query_patch_ms,
+                 "bytes_per_keyframe": int(lay.bytes_per_keyframe),
+                 "bytes_read_per_query": int(min(rc.k, n_map)) * int(sum(
+                     c for p, c in zip(lay.patch_sizes, lay.counts) if p in rr.sizes)) * int(lay.dim) * 2,
+                 "query_patches_dtype": "float16"},
+             "recall": {lab: recall_at_n(ranked_ids, r, RECALL_NS) for lab, r in rel.items()},
+             "recall_curve": {lab: [float(np.mean(np.take_along_axis(r, ranked_ids[:, :n], 1).any(1)[r.any(1)]))
+                                    if r.any() else math.nan for n in range(1, min(k_all, ranked_ids.shape[1]) + 1)]
+                              for lab, r in rel.items()}}
+    if gt.kind == "position":
+        ests = [loc.estimate(i, s) for i, s in zip(ranked_ids[:, :lcfg.top_k], ranked_scores[:, :lcfg.top_k])]
+        entry["localization"] = _localization_metrics(ests, ranked_ids[:, 0], mrecs, qrecs, gt)
+    return entry
 
 
 def _jsonable(obj):
@@ -320,6 +482,9 @@ def summary_lines(metrics: Dict) -> List[str]:
             parts = [f"R@{n} {_fmt_recall(r, n)} ({100 * r['at'][n]['recall']:.1f}%)" for n in RECALL_NS
                      if n in r["at"]]
             lines.append(f"{mname:18s} [{lab}] " + "  ".join(parts))
+        for lab, r in e.get("recall_converged", {}).items():
+            lines.append(f"{mname:18s} [{lab}] after convergence (frame {e['converged_after_frames']}): "
+                         f"R@1 {_fmt_recall(r, 1)} ({100 * r['at'][1]['recall']:.1f}%)")
         if "localization" in e:
             loc = e["localization"]
             within = "  ".join(f"<= {t} m {v['correct']}/{v['total']}" for t, v in loc["within_m"].items())

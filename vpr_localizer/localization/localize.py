@@ -15,14 +15,17 @@ Pose estimate (our method; the retrieval itself is NetVLAD's):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from dataclasses import dataclass, field, replace
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from vpr_localizer.models.encoder import Encoder, EncoderConfig
+from vpr_localizer.models.config import EncoderConfig
+from vpr_localizer.models.encoder import Encoder
 from vpr_localizer.errors import FingerprintMismatchError, WeightsError
 from vpr_localizer.mapping.index import search
+from vpr_localizer.localization.rerank import PatchReranker, RerankConfig, RerankResult, merge_ranking
+from vpr_localizer.localization.sequence import SequenceConfig, match_sequences
 from vpr_localizer.mapping.store import VprMap
 
 
@@ -112,6 +115,7 @@ class Localizer:
         self.config = config or LocalizerConfig()
         self._pos = vpr_map.positions
         self._has_pos = vpr_map.has_positions
+        self._rerankers: Dict[Tuple, PatchReranker] = {}
 
     def retrieve(self, descriptors: np.ndarray, k: Optional[int] = None):
         """Top-k search: ``(Q, D)`` float32 -> (scores ``(Q, k)`` float32, ids ``(Q, k)`` int64).
@@ -169,6 +173,110 @@ class Localizer:
         scores, ids = self.retrieve(descriptors)
         return [self.estimate(i, s) for i, s in zip(ids, scores)]
 
+    def reranker(self, config: RerankConfig, expected: Optional[Dict] = None) -> PatchReranker:
+        """The (cached) :class:`~vpr_localizer.localization.rerank.PatchReranker` of this map for
+        ``config``; ``expected`` is the running patch configuration checked against the map's.
+
+        Raises:
+            MapError: the map has no patch descriptors ("rebuild it with --patches").
+            FingerprintMismatchError: ``expected`` differs from the map's patch configuration.
+        """
+        key = (config.mode, config.k, tuple(config.patch_sizes), config.device,
+               tuple(sorted((k, str(v)) for k, v in (expected or {}).items())))
+        if key not in self._rerankers:
+            self._rerankers[key] = PatchReranker(self.map, config, expected)
+        return self._rerankers[key]
+
+    def rerank(self, query_patches, ids: np.ndarray, scores: np.ndarray, config: RerankConfig) -> RerankResult:
+        """Patch-NetVLAD re-ranking (Hausler et al., CVPR 2021) of one query's global candidates.
+
+        Args:
+            query_patches: the query's patch sets, one
+                :class:`~vpr_localizer.models.patch_netvlad.PatchDescriptors` per patch size.
+            ids, scores: ``(n,)`` its global retrieval (ids best first, cosines); the first
+                ``config.k`` are re-ranked.
+            config: :class:`~vpr_localizer.localization.rerank.RerankConfig`.
+
+        Returns:
+            :class:`~vpr_localizer.localization.rerank.RerankResult` (re-ranked ids, their
+            global cosines, fused patch scores).
+
+        Raises:
+            MapError: the map has no patch descriptors; FingerprintMismatchError: query patches
+                of another grid / dimension.
+        """
+        return self.reranker(config).rerank(query_patches, ids, scores)
+
+    def localize_reranked(self, descriptors: np.ndarray, query_patches: List, config: RerankConfig) -> List[PoseEstimate]:
+        """:meth:`localize` with the top ``config.k`` re-ranked by patches before the pose estimate.
+
+        The estimate gets the re-ranked order (best first) with each candidate's global cosine as
+        its score (module doc of :mod:`vpr_localizer.localization.rerank`); the top ``top_k``
+        of that order are used.
+
+        Args:
+            descriptors: ``(Q, D)`` float32 global descriptors.
+            query_patches: Q lists of patch sets (one :class:`PatchDescriptors` per patch size).
+            config: :class:`RerankConfig`; ``mode`` ``none`` = plain :meth:`localize`.
+
+        Raises:
+            ValueError: Q descriptors but another number of patch lists.
+            MapError, FingerprintMismatchError: see :meth:`rerank`.
+        """
+        if not config.enabled:
+            return self.localize(descriptors)
+        d = np.asarray(descriptors, dtype=np.float32).reshape(-1, self.map.index.d)
+        if len(query_patches) != len(d):
+            raise ValueError(f"{len(d)} query descriptors but {len(query_patches)} query patch sets")
+        rr = self.reranker(config)
+        scores, ids = self.retrieve(d, k=max(config.k, self.config.top_k))
+        out = []
+        for qp, i, s in zip(query_patches, ids, scores):
+            full_ids, full_scores = merge_ranking(rr.rerank(qp, i, s), i, s)
+            out.append(self.estimate(full_ids[:self.config.top_k], full_scores[:self.config.top_k]))
+        return out
+
+    def similarity_matrix(self, descriptors: np.ndarray) -> np.ndarray:
+        """Query-vs-map similarities ``(Q, M)`` float32 (inner products of the descriptors; with an
+        approximate index, map entries it does not return get -1, the lowest cosine).
+
+        Raises:
+            ValueError: wrong descriptor dimension or non-finite values.
+        """
+        m = len(self.map)
+        scores, ids = self.retrieve(descriptors, k=m)
+        sim = np.full((len(ids), m), -1.0, np.float32)
+        rows = np.repeat(np.arange(len(ids)), ids.shape[1])
+        ok = ids.reshape(-1) >= 0
+        sim[rows[ok], ids.reshape(-1)[ok]] = scores.reshape(-1)[ok]
+        return sim
+
+    def sequence_candidates(self, descriptors: np.ndarray, config: SequenceConfig) -> Tuple[np.ndarray, np.ndarray]:
+        """Top-k map keyframes of each query by SeqSLAM sequence matching (Milford & Wyeth,
+        ICRA 2012) over :meth:`similarity_matrix`, for queries in temporal order and a map in
+        route order (:func:`~vpr_localizer.localization.sequence.match_sequences`).
+
+        Args:
+            descriptors: ``(Q, D)`` float32, consecutive frames of one traversal.
+            config: sequence length, velocity range, contrast window, ``top_k``.
+
+        Returns:
+            ``(scores (Q, k) float32, ids (Q, k) int64)``, best first: scores are the negated
+            sequence scores (minus the mean contrast-normalised distance along the best
+            trajectory; higher = better, ``-inf`` with id -1 where no trajectory fits), so
+            :meth:`estimate` weights candidates by the sequence evidence, not by the single frame
+            (whose own similarity is exactly what perceptual aliasing corrupts).
+        """
+        sim = self.similarity_matrix(descriptors)
+        matches = match_sequences(sim, replace(config, similarity=True, top_k=min(config.top_k, sim.shape[1])))
+        return -matches.topk_scores.astype(np.float32), matches.topk_indices.astype(np.int64)
+
+    def localize_sequence(self, descriptors: np.ndarray, config: SequenceConfig) -> List[PoseEstimate]:
+        """:meth:`localize` with the candidates of :meth:`sequence_candidates` (top ``config.top_k``)."""
+        scores, ids = self.sequence_candidates(descriptors, config)
+        k = self.config.top_k
+        return [self.estimate(i[:k], s[:k]) for i, s in zip(ids, scores)]
+
 
 def encoder_for_map(vpr_map: VprMap, weights: Optional[str] = None, device: str = "auto",
                     batch_size: int = 8, checkpoint: Optional[str] = None,
@@ -203,7 +311,7 @@ def encoder_for_map(vpr_map: VprMap, weights: Optional[str] = None, device: str 
     enc = Encoder(cfg)
     try:
         if checkpoint:
-            from vpr_localizer.models.encoder import load_checkpoint
+            from vpr_localizer.models.checkpoint import load_checkpoint
             enc.load_checkpoint_state(load_checkpoint(checkpoint))
         else:
             enc.load_checkpoint_state(vpr_map.encoder_checkpoint)

@@ -16,7 +16,9 @@ from vpr_localizer.models.encoder import Encoder, EncodeResult
 from vpr_localizer.errors import DatasetError
 from vpr_localizer.geodesy import EnuDatum
 from vpr_localizer.mapping.index import build_index
+from vpr_localizer.mapping.patches import MapPatches, PatchLayout, PatchSpool
 from vpr_localizer.mapping.store import Keyframe, write_map
+from vpr_localizer.models.patch_encoder import PatchEncoder, PatchSettings, check_encoder_grid, fit_patch_pca_on_images
 from vpr_localizer.io.records import ImageRecord
 
 LOG = logging.getLogger(__name__)
@@ -77,6 +79,8 @@ class MapEncoding:
         datum: ENU origin or None.
         pca_fitted: whether PCA whitening was fitted on these images.
         seconds: wall time of fitting + encoding, s.
+        patches: the records' Patch-NetVLAD descriptors (same order), or None when not asked for.
+        patch_seconds: wall time of the patch PCA sample pass + patch extraction, s.
     """
 
     records: List[ImageRecord]
@@ -84,21 +88,70 @@ class MapEncoding:
     datum: Optional[EnuDatum]
     pca_fitted: bool
     seconds: float
+    patches: Optional[MapPatches] = None
+    patch_seconds: float = 0.0
+
+
+def start_patch_spool(encoder: Encoder, paths: Sequence[str], settings: PatchSettings,
+                      progress: bool = True) -> Tuple[PatchSpool, PatchEncoder]:
+    """Fit the patch PCA on a sample of ``paths`` (:func:`fit_patch_pca_on_images`) and open a
+    :class:`PatchSpool` plus the :class:`PatchEncoder` that fills it (one keyframe at a time).
+
+    Raises:
+        ConfigError: a patch size larger than the encoder's feature grid, a non-NetVLAD encoder,
+            or too few sampled patches for the patch PCA.
+    """
+    grid = check_encoder_grid(encoder, settings.patch_sizes)
+    pca, info = fit_patch_pca_on_images(encoder, paths, settings, progress="patch PCA sample" if progress else None)
+    layout = PatchLayout(settings.patch_sizes, settings.strides, settings.dim, grid)
+    spool = PatchSpool(layout, pca, {"weights": "image_stream" if encoder.config.guided else "uniform",
+                                     "pca_images": info["images"], "pca_samples": info["samples"],
+                                     "pca_seconds": info["seconds"]})
+    return spool, PatchEncoder(encoder, settings.patch_sizes, settings.strides, pca)
 
 
 def encode_map(records: Sequence[ImageRecord], encoder: Encoder, extra_heads=None,
-               progress: bool = True) -> MapEncoding:
+               progress: bool = True, patches: Optional[PatchSettings] = None) -> MapEncoding:
     """Fit the encoder on the map images (k-means, PCA) when untrained, and encode them.
 
     Unreadable images are skipped with a warning naming the file.
 
+    With ``patches``, also the Patch-NetVLAD descriptors of every image (Hausler et al., CVPR
+    2021): after the NetVLAD k-means, a sample pass over ``patches.pca_images`` map images fits
+    the patch PCA, then the one encoding pass makes the global and the patch descriptors from
+    the same feature maps (:mod:`vpr_localizer.models.patch_encoder`); the patches go to a
+    temporary float16 file (:class:`PatchSpool`), not memory.
+
     Raises:
         DatasetError: no image could be read.
+        ConfigError: patch sizes that do not fit the encoder's feature grid (the message names the
+            input size needed), a non-NetVLAD encoder with ``patches``.
     """
     t0 = time.perf_counter()
     paths = [r.path for r in records]
+    if patches is not None:
+        check_encoder_grid(encoder, patches.patch_sizes)  # fail before minutes of k-means / encoding
     encoder.fit_aggregator(paths, progress="NetVLAD k-means sample" if progress else None)
-    res = encoder.encode_paths(paths, extra_heads=extra_heads, progress="encoding map" if progress else None)
+    spool, on_batch, t_patch = None, None, 0.0
+    if patches is not None:
+        tp = time.perf_counter()
+        spool, penc = start_patch_spool(encoder, paths, patches, progress)
+        t_patch = time.perf_counter() - tp
+
+        def on_batch(idx, enc):
+            for scales in penc.extract(enc.features):
+                spool.append(scales)
+    try:
+        res = encoder.encode_paths(paths, extra_heads=extra_heads, progress="encoding map" if progress else None,
+                                   on_batch=on_batch)
+    except BaseException:
+        if spool is not None:
+            spool.discard()
+        raise
+    map_patches = spool.finish() if spool is not None else None
+    if map_patches is not None:
+        t_patch += res.callback_seconds
+        map_patches.info["extract_ms_per_image"] = 1e3 * res.callback_seconds / max(len(res.ok), 1)
     if not res.ok:
         raise DatasetError(f"none of the {len(paths)} map images could be read")
     pca = encoder.fit_pca(res.raw)
@@ -106,7 +159,7 @@ def encode_map(records: Sequence[ImageRecord], encoder: Encoder, extra_heads=Non
         res.descriptors = encoder.apply_pca(res.raw)
     kept = [records[i] for i in res.ok]
     datum = datum_for(kept)
-    return MapEncoding(localize_records(kept, datum), res, datum, pca, time.perf_counter() - t0)
+    return MapEncoding(localize_records(kept, datum), res, datum, pca, time.perf_counter() - t0, map_patches, t_patch)
 
 
 @dataclass
@@ -120,32 +173,50 @@ class BuildReport:
     descriptor_dim: int = 0
     pca_fitted: bool = False
     geotagged: bool = False
+    patch_bytes_per_keyframe: int = 0
+    patch_layout: Optional[Dict] = None
+    patch_seconds: float = 0.0
 
 
 def save_map(encoding: MapEncoding, encoder: Encoder, out_path: str, index_kind: str = "flat",
              overwrite: bool = False, extra: Optional[Dict] = None) -> str:
-    """Index the encoded map and write it atomically (see :func:`map_store.write_map`)."""
+    """Index the encoded map and write it atomically (see :func:`map_store.write_map`), with its
+    patch descriptors when ``encoding.patches`` holds them."""
     index = build_index(encoding.result.descriptors, index_kind)
     meta = {"build": {"weights": os.path.abspath(encoder.backbone.weights_path),
                       "index": index_kind, "images": len(encoding.records),
                       "skipped": len(encoding.result.skipped)}}
     if encoder.config.needs_labels and encoder.config.segmentation_weights:
         meta["build"]["segmentation_weights"] = os.path.abspath(encoder.config.segmentation_weights)
+    if encoding.patches is not None:
+        meta["build"]["patches_seconds"] = round(float(encoding.patch_seconds), 2)
     if extra:
         meta["build"].update(extra)
     return write_map(out_path, keyframes_from_records(encoding.records), index, encoder.checkpoint_state(),
-                     encoder.fingerprint(), encoding.datum, extra=meta, overwrite=overwrite)
+                     encoder.fingerprint(), encoding.datum, extra=meta, overwrite=overwrite,
+                     patches=encoding.patches)
 
 
 def build_map(records: Sequence[ImageRecord], encoder: Encoder, out_path: str, index_kind: str = "flat",
-              overwrite: bool = False, progress: bool = True) -> BuildReport:
-    """Encode ``records`` and write the map to ``out_path``.
+              overwrite: bool = False, progress: bool = True, patches: Optional[PatchSettings] = None) -> BuildReport:
+    """Encode ``records`` and write the map to ``out_path`` (with Patch-NetVLAD descriptors when
+    ``patches`` is given, see :func:`encode_map`).
 
     Raises:
         DatasetError: no readable image.
         MapError: ``out_path`` exists and not ``overwrite``.
+        ConfigError: patch sizes that do not fit the feature grid (see :func:`encode_map`).
     """
-    enc = encode_map(records, encoder, progress=progress)
-    path = save_map(enc, encoder, out_path, index_kind, overwrite)
-    return BuildReport(path, len(enc.records), enc.result.skipped, enc.seconds, encoder.dim, enc.pca_fitted,
-                       enc.datum is not None)
+    enc = encode_map(records, encoder, progress=progress, patches=patches)
+    try:
+        path = save_map(enc, encoder, out_path, index_kind, overwrite)
+    finally:
+        if enc.patches is not None:
+            enc.patches.close()
+    rep = BuildReport(path, len(enc.records), enc.result.skipped, enc.seconds, encoder.dim, enc.pca_fitted,
+                      enc.datum is not None)
+    if enc.patches is not None:
+        rep.patch_bytes_per_keyframe = enc.patches.bytes_per_keyframe
+        rep.patch_layout = enc.patches.layout.config()
+        rep.patch_seconds = enc.patch_seconds
+    return rep

@@ -1,4 +1,4 @@
-"""The geotagged image map on disk (``../shared/docs/ARCHITECTURE.md``, "The map").
+"""The geotagged image map on disk (the README's "Map format").
 
 A map is a directory::
 
@@ -6,6 +6,10 @@ A map is a directory::
     keyframes.sqlite  one row per keyframe (id, stamp, x/y/z, orientation, lat/lon/alt, image, tags)
     index.faiss       FAISS index of the global descriptors (row i = keyframe id i)
     encoder.pt        the encoder's aggregator + PCA (torch, loaded with weights_only=True)
+    patches.npy, patch_offsets.npy, patch_pca.npz
+                      optional (``build-map --patches``): Patch-NetVLAD descriptors of every
+                      keyframe (float16, memory-mapped) and the patch PCA, described by the
+                      ``patches`` section of map.yaml (:mod:`vpr_localizer.mapping.patches`)
 
 It is written atomically: everything goes to a temporary sibling directory which is then
 renamed into place, so a reader never sees a half-written map. Loading checks every file
@@ -28,6 +32,7 @@ import yaml
 from vpr_localizer.errors import FingerprintMismatchError, MapError
 from vpr_localizer.files import sha256_file
 from vpr_localizer.geodesy import EnuDatum
+from vpr_localizer.mapping.patches import MapPatches, check_patch_config
 
 FORMAT_VERSION = 1
 MAP_YAML = "map.yaml"
@@ -106,7 +111,7 @@ def _read_keyframes(path: str) -> List[Keyframe]:
 
 def write_map(path: str, keyframes: Sequence[Keyframe], index, encoder_checkpoint: Dict,
               fingerprint: Dict, datum: Optional[EnuDatum], extra: Optional[Dict] = None,
-              overwrite: bool = False) -> str:
+              overwrite: bool = False, patches: Optional[MapPatches] = None) -> str:
     """Write a map directory atomically.
 
     Args:
@@ -118,12 +123,16 @@ def write_map(path: str, keyframes: Sequence[Keyframe], index, encoder_checkpoin
         datum: ENU origin when the map is geotagged, else None.
         extra: more metadata for ``map.yaml`` (e.g. ``build`` info).
         overwrite: replace an existing map at ``path`` (atomically).
+        patches: the keyframes' Patch-NetVLAD descriptors (one set per keyframe, same order), or
+            None: written as ``patches.npy`` / ``patch_offsets.npy`` / ``patch_pca.npz`` with a
+            ``patches`` section in ``map.yaml`` (:mod:`vpr_localizer.mapping.patches`).
 
     Returns:
         ``path``.
 
     Raises:
-        MapError: ``path`` exists and ``overwrite`` is False, or ids/count are inconsistent.
+        MapError: ``path`` exists and ``overwrite`` is False, or ids/count are inconsistent
+            (also the patch sets' count).
     """
     import torch
 
@@ -134,6 +143,8 @@ def write_map(path: str, keyframes: Sequence[Keyframe], index, encoder_checkpoin
         raise MapError("keyframe ids must be 0..N-1 in index order")
     if index.ntotal != len(keyframes):
         raise MapError(f"index holds {index.ntotal} descriptors but {len(keyframes)} keyframes were given")
+    if patches is not None and len(patches) != len(keyframes):
+        raise MapError(f"{len(patches)} keyframes' patch descriptors for {len(keyframes)} keyframes")
     if os.path.exists(path) and not overwrite:
         raise MapError(f"map already exists: {path} (use --overwrite)")
     parent = os.path.dirname(path)
@@ -146,8 +157,11 @@ def write_map(path: str, keyframes: Sequence[Keyframe], index, encoder_checkpoin
         _write_keyframes(os.path.join(tmp, KEYFRAMES_DB), keyframes)
         save_index(index, os.path.join(tmp, INDEX_FILE))
         torch.save(encoder_checkpoint, os.path.join(tmp, ENCODER_FILE))
+        names = [KEYFRAMES_DB, INDEX_FILE, ENCODER_FILE]
+        if patches is not None:
+            names += patches.write_files(tmp)
         files = {}
-        for name in (KEYFRAMES_DB, INDEX_FILE, ENCODER_FILE):
+        for name in names:
             fp = os.path.join(tmp, name)
             files[name] = {"bytes": os.path.getsize(fp), "sha256": sha256_file(fp)}
         meta = {
@@ -160,6 +174,8 @@ def write_map(path: str, keyframes: Sequence[Keyframe], index, encoder_checkpoin
             "counts": {"keyframes": len(keyframes), "descriptor_dim": int(index.d)},
             "files": files,
         }
+        if patches is not None:
+            meta["patches"] = patches.section(fingerprint.get("params_sha256"))
         if extra:
             meta.update(extra)
         with open(os.path.join(tmp, MAP_YAML), "w") as f:
@@ -191,14 +207,17 @@ class VprMap:
         index: FAISS index.
         encoder_checkpoint: dict for :meth:`Encoder.load_checkpoint_state`.
         datum: :class:`EnuDatum` or None.
+        patches: the keyframes' Patch-NetVLAD descriptors (:class:`MapPatches`, memory-mapped),
+            or None for a map built without ``--patches``.
     """
 
-    def __init__(self, path, meta, keyframes, index, encoder_checkpoint):
+    def __init__(self, path, meta, keyframes, index, encoder_checkpoint, patches: Optional[MapPatches] = None):
         self.path = path
         self.meta = meta
         self.keyframes = keyframes
         self.index = index
         self.encoder_checkpoint = encoder_checkpoint
+        self.patches = patches
         d = meta.get("datum")
         self.datum = EnuDatum(**d) if d else None
 
@@ -210,6 +229,34 @@ class VprMap:
     def positions(self) -> np.ndarray:
         """``(N, 3)`` float64 keyframe positions in the map frame, metres (NaN when unknown)."""
         return np.array([[k.x, k.y, k.z] for k in self.keyframes], dtype=np.float64).reshape(-1, 3)
+
+    @property
+    def has_patches(self) -> bool:
+        """True when the map stores Patch-NetVLAD descriptors (built with ``--patches``)."""
+        return self.patches is not None
+
+    def require_patches(self) -> MapPatches:
+        """The map's :class:`MapPatches`.
+
+        Raises:
+            MapError: ``map <path>: this map has no patch descriptors; rebuild it with --patches``.
+        """
+        check_patch_config(self.path, self.patches, {})
+        return self.patches
+
+    def check_patch_config(self, expected: Dict) -> None:
+        """Refuse re-ranking with patches of another configuration, like a fingerprint mismatch.
+
+        Args:
+            expected: any of ``patch_sizes``, ``strides`` (lists of ints, cells), ``dim``,
+                ``grid_hw`` ([h, w] cells) of the running encoder / node.
+
+        Raises:
+            MapError: the map has no patch descriptors.
+            FingerprintMismatchError: a value differs from the map's ``patches`` section (each
+                difference listed as ``key: map A vs running B``).
+        """
+        check_patch_config(self.path, self.patches, expected)
 
     @property
     def has_positions(self) -> bool:
@@ -228,8 +275,9 @@ class VprMap:
 
         Raises:
             MapError: missing directory or file, unknown format version, a file whose size or
-                hash differs from ``map.yaml`` (truncated/corrupt), or keyframe count !=
-                index size.
+                hash differs from ``map.yaml`` (truncated/corrupt), keyframe count !=
+                index size, or patch files that disagree with the ``patches`` section
+                (:meth:`MapPatches.load`).
         """
         import torch
 
@@ -282,7 +330,10 @@ class VprMap:
             ckpt = torch.load(os.path.join(path, ENCODER_FILE), map_location="cpu", weights_only=True)
         except Exception as exc:
             raise MapError(f"map {path}: cannot read {ENCODER_FILE} ({exc})") from exc
-        return cls(path, meta, keyframes, index, ckpt)
+        patches = None
+        if meta.get("patches") is not None:
+            patches = MapPatches.load(path, meta["patches"], len(keyframes), meta["encoder"], list(files))
+        return cls(path, meta, keyframes, index, ckpt, patches)
 
     def check_fingerprint(self, fingerprint: Dict) -> None:
         """Raise :class:`FingerprintMismatchError` unless ``fingerprint`` equals the map's.
