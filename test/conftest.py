@@ -356,3 +356,22 @@ def graph_probe(graph) -> MessageProbe:
 def descriptor_of(msg) -> np.ndarray:
     """The ``(1, D)`` float32 descriptor of a vpr/descriptor message."""
     return np.frombuffer(bytes(msg.data), "<f4").reshape(1, -1)
+
+
+def replay_lund(graph, probe, lund, what: str = "") -> tuple:
+    """Replay the Lund bag losslessly into ``graph`` (attention_node -> vpr_localizer) and wait until
+    the 15 poses arrived and both workers counted every frame (they count a frame after publishing
+    its results). Returns the (attention_node, vpr_localizer) nodes."""
+    from vpr_ros.replay import replay_bag
+
+    stats = replay_bag(probe.node, lund.bag, rate=REPLAY_RATE, topics=[IMAGE_TOPIC],
+                       remap={IMAGE_TOPIC: "image"}, start_delay_s=2.0, reliable=True)
+    assert stats.published == {IMAGE_TOPIC: 15}
+    assert wait_for(lambda: probe.count("pose") >= 15, timeout=60.0), \
+        f"{what}only {probe.count('pose')} of 15 poses within 60 s"
+    att_node, loc_node = graph.node("attention_node"), graph.node("vpr_localizer")
+    att, loc = att_node.worker.stats, loc_node.worker.stats
+    assert wait_for(lambda: att.processed + att.dropped + att.errors == 15 and att_node.worker.idle()
+                    and loc.processed + loc.dropped + loc.errors == 15 and loc_node.worker.idle(),
+                    timeout=10.0), (att, loc)
+    return att_node, loc_node

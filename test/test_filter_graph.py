@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import IMAGE_TOPIC, RELIABLE_IMAGE, REPLAY_RATE, graph_probe, wait_for, write_params
+from conftest import RELIABLE_IMAGE, graph_probe, replay_lund, wait_for, write_params
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration
@@ -46,22 +46,13 @@ def _live_filter_section() -> dict:
 def _replay(lund, tmp_path: Path, name: str, localizer=None):
     """One replay of the Lund bag; returns ({stamp: [pose msgs]}, [vpr_localizer diagnostics])."""
     from vpr_ros.graph import Graph
-    from vpr_ros.replay import replay_bag
 
     graph = Graph(write_params(lund, tmp_path / f"{name}.yaml", attention=RELIABLE_IMAGE, localizer=localizer))
     probe = None
     try:
         probe = graph_probe(graph)
-        stats = replay_bag(probe.node, lund.bag, rate=REPLAY_RATE, topics=[IMAGE_TOPIC],
-                           remap={IMAGE_TOPIC: "image"}, start_delay_s=2.0, reliable=True)
-        assert stats.published == {IMAGE_TOPIC: 15}
-        assert wait_for(lambda: probe.count("pose") >= 15, timeout=60.0), \
-            f"{name}: only {probe.count('pose')} of 15 poses within 60 s"
-        att_node, loc_node = graph.node("attention_node"), graph.node("vpr_localizer")
+        att_node, loc_node = replay_lund(graph, probe, lund, f"{name}: ")
         att, loc = att_node.worker.stats, loc_node.worker.stats
-        assert wait_for(lambda: att.processed + att.dropped + att.errors == 15 and att_node.worker.idle()
-                        and loc.processed + loc.dropped + loc.errors == 15 and loc_node.worker.idle(),
-                        timeout=10.0), (att, loc)
         # the filter sees every frame in order: a dropped frame would change its result
         assert (att.processed, att.dropped, loc.processed, loc.dropped, loc.errors) == (15, 0, 15, 0, 0), (att, loc)
         assert wait_for(lambda: len(probe.statuses("vpr_localizer")) >= 15, timeout=10.0)

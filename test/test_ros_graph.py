@@ -20,8 +20,8 @@ import pytest
 import yaml
 from PIL import Image as PILImage
 
-from conftest import (IMAGE_TOPIC, RELIABLE_IMAGE, REPLAY_RATE, attention_has_labels, descriptor_of, graph_probe,
-                      in_fresh_thread, wait_for, write_params)
+from conftest import (RELIABLE_IMAGE, attention_has_labels, descriptor_of, graph_probe, in_fresh_thread, replay_lund,
+                      wait_for, write_params)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration
@@ -52,7 +52,6 @@ def test_node_encode_equals_offline_encoder(lund, ros_env, tmp_path):
 
 def test_replayed_bag_gives_offline_poses(lund, ros_env, tmp_path):
     from vpr_ros.graph import Graph
-    from vpr_ros.replay import replay_bag
 
     # Lossless on purpose: a reliable replay into a subscription whose standard QoS override asks
     # for reliability (the default sensor-data QoS may lose frames on a loaded machine).
@@ -61,17 +60,8 @@ def test_replayed_bag_gives_offline_poses(lund, ros_env, tmp_path):
     try:
         assert graph.names == ["attention_node", "vpr_localizer"]
         probe = graph_probe(graph)
-        stats = replay_bag(probe.node, lund.bag, rate=REPLAY_RATE, topics=[IMAGE_TOPIC],
-                           remap={IMAGE_TOPIC: "image"}, start_delay_s=2.0, reliable=True)
-        assert stats.published == {IMAGE_TOPIC: 15}
-        assert wait_for(lambda: probe.count("pose") >= 15, timeout=60.0), \
-            f"only {probe.count('pose')} of 15 poses within 60 s"
-        att_node, loc_node = graph.node("attention_node"), graph.node("vpr_localizer")
+        att_node, loc_node = replay_lund(graph, probe, lund)
         att, loc = att_node.worker.stats, loc_node.worker.stats
-        # the workers count a frame after publishing its results: wait until both are done
-        assert wait_for(lambda: att.processed + att.dropped + att.errors == 15 and att_node.worker.idle()
-                        and loc.processed + loc.dropped + loc.errors == 15 and loc_node.worker.idle(),
-                        timeout=10.0), (att, loc)
         # one pose per frame: a bounded 0.5 s wait in which no 16th pose (a duplicate) may arrive
         assert not wait_for(lambda: probe.count("pose") > 15, timeout=0.5), f"{probe.count('pose')} poses"
         assert (att.received, att.processed, att.dropped, att.errors) == (15, 15, 0, 0), att

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.integration
 # Lower bounds on NetVLAD recall@1 counts: one below the measured value on the tiny sets (a single
 # borderline query may flip with floating-point differences between CPUs), ~10% below on Nordland.
 GARDENS_NIGHT_MIN = 4   # measured 5/6
-TRAIL_SNOW_MIN = 3      # measured 4/5
+TRAIL_SNOW_MIN = 3      # measured 3/5 here (4/5 on an earlier machine: one borderline query)
 TRAIL_DRY_MIN = 3       # measured 4/7
 NORDLAND_R1_MIN = 280   # measured 310/3576
 
