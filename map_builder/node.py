@@ -336,6 +336,7 @@ class MapBuilderNode(WorkerNode):
     """
 
     NAME, OK_MESSAGE, BAD_INPUT = NODE_NAME, "mapping", "frame"
+    QUEUE_DEPTH = 16  # a keyframe dropped while mapping is a hole in the map: absorb bursts
 
     def _setup(self) -> None:
         self.params = p = declare_params(self, MapBuilderParams)

@@ -277,9 +277,10 @@ def exif_gps_pillow(path) -> tuple:
 IMAGE_SIZE = (160, 120)   # network input W, H: small, the machine has 2 slow cores
 CLUSTERS = 16
 BAG_RATE_HZ = 2.0
-# The camera subscription keeps only the newest frame; a frame is dropped when two arrive while
-# one is encoded. Encoding a 1024x768 frame at 160x120 takes 0.1-0.7 s on a loaded 2-core CPU,
-# so frames are replayed 1 s apart (2 Hz bag at rate 0.5), leaving a wide margin.
+# By default the camera worker keeps only the newest frame; a frame is dropped when two arrive while
+# one is encoded (lossless tests raise queue_depth, see RELIABLE_IMAGE). Encoding a 1024x768 frame
+# at 160x120 takes 0.1-0.7 s on a loaded 2-core CPU, so frames are replayed 1 s apart (2 Hz bag at
+# rate 0.5), leaving a wide margin.
 REPLAY_RATE = 0.5
 IMAGE_TOPIC = "/camera/image_raw"
 
@@ -324,7 +325,10 @@ def lund(datasets_dir, weights_dir, data_file, tmp_path_factory):
                            descriptors=res.descriptors, estimates=estimates, params=params, encoder=encoder)
 
 
-RELIABLE_IMAGE = {"qos_overrides": {"/image": {"subscription": {"reliability": "reliable", "depth": 10}}}}
+# A lossless replay: a reliable camera subscription and a worker queue that absorbs load spikes
+# (the live default keeps only the newest frame). write_params gives the localizer the same depth.
+RELIABLE_IMAGE = {"qos_overrides": {"/image": {"subscription": {"reliability": "reliable", "depth": 10}}},
+                  "queue_depth": 16}
 
 
 def write_params(lund, path: Path, attention=None, localizer=None, nodes=("attention_node", "vpr_localizer")) -> str:
@@ -334,6 +338,8 @@ def write_params(lund, path: Path, attention=None, localizer=None, nodes=("atten
         if name in nodes:
             p = dict(lund.params[name]["ros__parameters"])
             p.update({"map_path": lund.map}, **(extra or {}))
+            if name == "vpr_localizer" and "queue_depth" in (attention or {}):
+                p.setdefault("queue_depth", attention["queue_depth"])
             if name == "attention_node":
                 p["device"] = "cpu"
             doc[name] = {"ros__parameters": p}

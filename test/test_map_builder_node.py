@@ -107,8 +107,9 @@ def _frame_seconds(node, rgb_frames) -> float:
 
 
 def _replay_period(frame_s: float) -> float:
-    """Seconds of wall time per 1-s bag frame: 3x the measured encode time (the worker may hold
-    one frame pending, so a frame is dropped only if one encode takes > ~2 periods), >= 0.4 s."""
+    """Seconds of wall time per 1-s bag frame: 3x the measured encode time, >= 0.4 s (the worker
+    keeps up to 16 frames waiting, map_builder's default queue_depth, so a load spike of a few
+    seconds, a k-means bootstrap or a map flush, drops nothing)."""
     return float(min(max(0.4, 3.0 * frame_s + 0.05), 3.0))
 
 

@@ -18,6 +18,8 @@ from typing import Any, Dict, Optional, Sequence
 from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.node import Node
 
+from vpr_localizer.errors import ConfigError
+
 from .diagnostics import worker_diagnostics
 from .latest import LatestFrameWorker
 from .qos import reliable_qos
@@ -39,6 +41,7 @@ class WorkerNode(Node):
     NAME = "vpr_node"          #: default node name (also the diagnostics status name)
     OK_MESSAGE = "running"     #: diagnostics message while nothing is wrong
     BAD_INPUT = "message"      #: what a frame that fails is, for the diagnostics message
+    QUEUE_DEPTH = 1            #: default of the ``queue_depth`` parameter (frames kept waiting)
 
     def __init__(self, **kwargs):
         super().__init__(self.NAME, **kwargs)
@@ -58,8 +61,17 @@ class WorkerNode(Node):
         raise NotImplementedError
 
     def start_worker(self) -> LatestFrameWorker:
-        """Start ``self.worker`` on ``self._process``; returns it."""
-        self.worker = LatestFrameWorker(self._process, self.get_logger(), self.NAME)
+        """Declare the ``queue_depth`` parameter (int, default :attr:`QUEUE_DEPTH`: frames kept
+        waiting while one is processed, the oldest dropped beyond it) and start ``self.worker`` on
+        ``self._process``; returns it.
+
+        Raises:
+            ConfigError: ``queue_depth`` < 1.
+        """
+        depth = self.declare_parameter("queue_depth", self.QUEUE_DEPTH).value
+        if not isinstance(depth, int) or depth < 1:
+            raise ConfigError(f"parameter queue_depth must be an integer >= 1, got {depth!r}")
+        self.worker = LatestFrameWorker(self._process, self.get_logger(), self.NAME, depth=depth)
         return self.worker
 
     def publish_diagnostics(self, values: Dict[str, object], ok_message: Optional[str] = None,

@@ -56,8 +56,9 @@ def _cmd_localize(args) -> int:
         loc.reranker(rerank[0], expected)  # no patches / another patch configuration: fail before encoding
         penc = query_patch_encoder(encoder, vmap)
 
-        def on_batch(idx, enc):  # re-rank batch by batch: the query patches are not kept
+        def localize_batch(idx, enc):  # re-rank batch by batch: the query patches are not kept
             rerank_ests.extend(loc.localize_reranked(enc.descriptors, penc.extract(enc.features), rerank[0]))
+        on_batch = localize_batch
     res = encoder.encode_paths([r.path for r in recs], progress="encoding queries", on_batch=on_batch)
     if not len(res.ok):
         ests = []

@@ -218,9 +218,10 @@ def evaluate(map_records: Sequence[ImageRecord], query_records: Sequence[ImageRe
         penc = PatchEncoder(encoder, lay.patch_sizes, lay.strides, menc.patches.pca)
         qspool = PatchSpool(lay, menc.patches.pca)
 
-        def q_on_batch(idx, enc):
+        def append_query_patches(idx, enc):
             for scales in penc.extract(enc.features):
                 qspool.append(scales)
+        q_on_batch = append_query_patches
     try:
         qres = encoder.encode_paths([r.path for r in query_records], extra_heads=heads,
                                     progress="encoding queries" if progress else None, on_batch=q_on_batch)

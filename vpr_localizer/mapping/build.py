@@ -138,9 +138,10 @@ def encode_map(records: Sequence[ImageRecord], encoder: Encoder, extra_heads=Non
         spool, penc = start_patch_spool(encoder, paths, patches, progress)
         t_patch = time.perf_counter() - tp
 
-        def on_batch(idx, enc):
+        def append_patches(idx, enc):
             for scales in penc.extract(enc.features):
                 spool.append(scales)
+        on_batch = append_patches
     try:
         res = encoder.encode_paths(paths, extra_heads=extra_heads, progress="encoding map" if progress else None,
                                    on_batch=on_batch)
