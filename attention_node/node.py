@@ -25,6 +25,11 @@ Publishes (reliable QoS, header copied from the camera image):
     ``vpr/patch_descriptors`` (32FC1, N x C, ``publish_patch_descriptors: true``): the
     L2-normalised local features of the image stream's backbone map, N = h * w locations in
     row-major order;
+    ``vpr/patch_netvlad`` (32FC1, R x D, ``publish_patch_netvlad: true``, a map built with
+    ``--patches``): the frame's Patch-NetVLAD patch descriptors (Hausler et al., CVPR 2021) with
+    the map's patch sizes, strides and patch PCA, rows = the sizes in the map's order, each
+    row-major over its patch grid (:meth:`~vpr_localizer.mapping.patches.PatchLayout.stack`),
+    published before ``vpr/descriptor`` for ``vpr_localizer``'s re-ranking (``rerank.mode``);
     ``vpr/attention`` (sensor_msgs/Image, rgb8, camera image size, ``publish_attention: true``):
     where the descriptor looks. With a guided encoder that weights the image stream (static
     mask and/or learned attention) it is that NetVLAD weight map -- static mask x attention,
@@ -40,7 +45,8 @@ Parameters (:class:`AttentionParams`, ``config/lund_graph.yaml``): ``map_path`` 
 ``weights`` (backbone weight file; ``""`` = the one recorded in map.yaml), ``segmentation_weights``
 (segmentation backend weight file of a guided map; ``""`` = the one recorded in map.yaml),
 ``device``, ``compressed``, ``use_labels``, ``labels_wait_s``, ``publish_patch_descriptors``,
-``publish_attention``.
+``publish_patch_netvlad``, ``publish_attention``, ``queue_depth`` (frames kept waiting, default 1 =
+newest only).
 
 A map that cannot be loaded (or an encoder that does not fit it, e.g. other segmentation
 weights) is fatal: the constructor raises :class:`MapError` / :class:`WeightsError`. A bad camera
@@ -65,6 +71,7 @@ from std_msgs.msg import Header
 from vpr_localizer.errors import ImageLoadError, MapError
 from vpr_localizer.models.guided import StreamFeatures
 from vpr_localizer.localization.localize import encoder_for_map
+from vpr_localizer.localization.rerank import query_patch_encoder
 from vpr_localizer.mapping.store import VprMap
 from vpr_ros.convert import descriptor_to_msg, image_msg_to_rgb, msg_to_labels, rgb_to_image_msg
 from vpr_ros.params import declare_params
@@ -158,6 +165,8 @@ class AttentionParams:
         use_labels: subscribe ``segmentation/labels`` and match them to the frames by stamp.
         labels_wait_s: longest wait for the labels of a frame, s (negative counts as 0).
         publish_patch_descriptors: publish ``vpr/patch_descriptors`` (32FC1, N x C).
+        publish_patch_netvlad: publish ``vpr/patch_netvlad`` (32FC1, R x D: the map's Patch-NetVLAD
+            patches, for ``vpr_localizer``'s ``rerank.mode``); the map must store patches.
         publish_attention: publish ``vpr/attention`` (rgb8, camera image size).
     """
 
@@ -169,6 +178,7 @@ class AttentionParams:
     use_labels: bool = False
     labels_wait_s: float = 0.2
     publish_patch_descriptors: bool = False
+    publish_patch_netvlad: bool = False
     publish_attention: bool = True
 
     def validate(self) -> None:
@@ -191,6 +201,9 @@ class AttentionNode(WorkerNode):
                                        segmentation_weights=p.segmentation_weights)
         self.map_path = vmap.path
         self.map_keyframes = len(vmap)
+        # the map's patch sizes, strides and patch PCA (MapError: a map without patches)
+        self.patch_encoder = query_patch_encoder(self.encoder, vmap) if p.publish_patch_netvlad else None
+        self.patch_layout = vmap.patches.layout if self.patch_encoder is not None else None
         del vmap  # only the encoder is needed; the index stays with the vpr_localizer node
         self.compressed = p.compressed
         self.use_labels = p.use_labels
@@ -212,6 +225,8 @@ class AttentionNode(WorkerNode):
         self.pub_desc = self.create_publisher(Image, "vpr/descriptor", reliable_qos())
         self.pub_patches = (self.create_publisher(Image, "vpr/patch_descriptors", reliable_qos())
                             if self.publish_patches else None)
+        self.pub_patch_netvlad = (self.create_publisher(Image, "vpr/patch_netvlad", reliable_qos())
+                                  if self.patch_encoder is not None else None)
         self.pub_attention = (self.create_publisher(Image, "vpr/attention", reliable_qos())
                               if self.publish_attention else None)
         camera_subscription(self, self.compressed, self.start_worker().offer)
@@ -230,7 +245,9 @@ class AttentionNode(WorkerNode):
             f"{' guided ' + str(self.guidance_flags()) if cfg.guided else ''} "
             f"at {cfg.image_size[0]}x{cfg.image_size[1]}, {self.encoder.dim}-D descriptors on "
             f"{self.encoder.device}; input {'image/compressed' if self.compressed else 'image'}"
-            f"{labels_info}; ready in {time.perf_counter() - t0:.2f} s")
+            + (f"; Patch-NetVLAD patches {list(self.patch_layout.patch_sizes)} x {self.patch_layout.dim}-D "
+               f"({self.patch_layout.rows_per_keyframe} rows) on vpr/patch_netvlad" if self.patch_layout else "")
+            + f"{labels_info}; ready in {time.perf_counter() - t0:.2f} s")
 
     def guidance_flags(self) -> dict:
         """The map encoder's segmentation/attention guidance (all False for a plain encoder)."""
@@ -305,6 +322,11 @@ class AttentionNode(WorkerNode):
             else:
                 self.topic_label_frames += 1
         header = Header(stamp=msg.header.stamp, frame_id=msg.header.frame_id)
+        t_patch = time.perf_counter()
+        if self.pub_patch_netvlad is not None:  # before the descriptor: the localizer waits for it
+            rows = self.patch_layout.stack(self.patch_encoder.extract(feats)[0])
+            self.pub_patch_netvlad.publish(descriptor_to_msg(rows, header))
+        t_patch = time.perf_counter() - t_patch
         self.pub_desc.publish(descriptor_to_msg(desc, header))
         if self.pub_patches is not None:
             self.pub_patches.publish(descriptor_to_msg(patch_descriptors(feats.image[0]), header))
@@ -312,10 +334,13 @@ class AttentionNode(WorkerNode):
             heat = self.attention_image(feats, (rgb.shape[1], rgb.shape[0]))
             self.pub_attention.publish(rgb_to_image_msg(heat, header))
         t4 = time.perf_counter()
-        values = {"decode_ms": 1e3 * (t1 - t0), "encode_ms": 1e3 * (t3 - t2), "publish_ms": 1e3 * (t4 - t3),
+        values = {"decode_ms": 1e3 * (t1 - t0), "encode_ms": 1e3 * (t3 - t2),
+                  "publish_ms": 1e3 * (t4 - t3 - t_patch),
                   "image_width": int(rgb.shape[1]), "image_height": int(rgb.shape[0]),
                   "descriptor_dim": int(desc.shape[1]), "guided": bool(self.encoder.config.guided),
                   **self.guidance_flags(), "needs_labels": self.needs_labels}
+        if self.pub_patch_netvlad is not None:
+            values["patch_netvlad_ms"] = 1e3 * t_patch
         if self.use_labels:
             values.update({"labels_wait_ms": 1e3 * (t2 - t1), "labelled_frames": self.labelled_frames,
                            "unlabelled_frames": self.unlabelled_frames})

@@ -2,6 +2,13 @@
 
 Subscribes:
     ``vpr/descriptor`` (sensor_msgs/Image, 32FC1, 1 x D, camera header) -- newest only;
+    ``vpr/patch_netvlad`` (sensor_msgs/Image, 32FC1, R x D, camera header; from ``attention_node``
+    with ``publish_patch_netvlad: true``) -- only with ``rerank.mode`` ``ransac`` / ``spatial``:
+    the frame's Patch-NetVLAD patches, matched to the descriptor by stamp (waiting up to
+    ``rerank.wait_s``); the top ``rerank.k`` of the global retrieval are re-ranked with the map's
+    stored patches (:class:`~vpr_localizer.localization.rerank.PatchReranker`, Hausler et al.,
+    CVPR 2021) before the pose estimate. Without patches in time (or with a message that does not
+    fit the map's patch layout) the frame keeps the global order (throttled warning, counted);
     ``odom`` (nav_msgs/Odometry, reliable QoS) -- only with ``filter.enabled`` on a map with
     positions: the x-y path length between consecutive descriptor stamps drives the filter's
     motion step (without odometry covering that interval: the constant-velocity prior).
@@ -14,18 +21,26 @@ Publishes:
     ``vpr/fix`` (sensor_msgs/NavSatFix, when the map has a geodetic datum),
     ``vpr/loop_closure`` (std_msgs/Float64MultiArray ``[query_stamp_s, match_stamp_s, score,
     keyframe_id]``, LIO-SAM layout, when the best score reaches ``loop_closure.score_threshold``),
-    ``vpr/matches`` (visualization_msgs/MarkerArray: top-k keyframes, line to the best),
+    ``vpr/matches`` (visualization_msgs/MarkerArray: top-k keyframes coloured by rank, line from
+    the estimate to the best keyframe -- the re-ranked best with re-ranking -- and, when
+    re-ranking changed the first place, a grey cube on the global retrieval's best),
     ``diagnostics`` (diagnostic_msgs/DiagnosticArray: per-stage latency, map size, best score;
+    with re-ranking also rerank_ms, patch wait, whether the first place changed, frames without patches;
     with the filter also converged, posterior probability, hypotheses, reset, odometry distance).
 Parameters (:class:`LocalizerParams`, ``config/*.yaml``): ``map_path``, ``frame_id``, ``localizer.*``
 (:class:`vpr_localizer.localization.localize.LocalizerConfig`), ``filter.*``
 (:class:`vpr_localizer.localization.tracking.TrackingConfig`; ``filter.enabled`` false = single-frame
-mode), ``loop_closure.score_threshold``,
+mode), ``rerank.*`` (:class:`RerankParams`), ``loop_closure.score_threshold``, ``queue_depth``,
 ``faiss_threads``, ``publish_tf`` (broadcast ``map`` -> ``tf_child_frame`` at the estimate; only
 where ``tf2_ros`` is importable, i.e. on a real ROS 2 install).
 
-A map that cannot be loaded is fatal (the constructor raises :class:`MapError`); a bad
-descriptor message is logged and dropped, and the node keeps running.
+With the filter on, its observation is the first ``filter.top_k`` candidates of the retrieval
+(after re-ranking: of the re-ranked order) with their global cosines, exactly as the offline
+:meth:`~vpr_localizer.localization.tracking.FilteredLocalizer.update`.
+
+A map that cannot be loaded (or ``rerank.mode`` set on a map without patches) is fatal (the constructor raises :class:`MapError`); a bad
+descriptor message (wrong size, NaN, not L2-normalised: an all-zero or rescaled descriptor) is
+logged and dropped, and the node keeps running.
 """
 from __future__ import annotations
 
@@ -41,18 +56,22 @@ from sensor_msgs.msg import Image, NavSatFix, NavSatStatus
 from std_msgs.msg import ColorRGBA, Float64MultiArray, Header
 from visualization_msgs.msg import Marker, MarkerArray
 
-from vpr_localizer.errors import MapError
-from vpr_localizer.localization.localize import Localizer, LocalizerConfig
+from vpr_localizer.errors import ConfigError, ImageLoadError, MapError
+from vpr_localizer.localization.localize import Localizer, LocalizerConfig, check_unit_norm
+from vpr_localizer.localization.rerank import RerankConfig, merge_ranking
 from vpr_localizer.localization.tracking import FilteredLocalizer, OdometryTrack, TrackingConfig
 from vpr_localizer.mapping.store import VprMap
 from vpr_ros.convert import msg_to_descriptor, stamp_to_sec
 from vpr_ros.params import declare_params
 from vpr_ros.qos import reliable_qos
 from vpr_ros.spin import spin_single_node
+from vpr_ros.stamp_sync import StampBuffer, stamp_key
 from vpr_ros.worker_node import WorkerNode
 
 NODE_NAME = "vpr_localizer"
 YAW_VARIANCE_UNKNOWN = 1e6  # rad^2: orientation is not estimated by retrieval
+PATCH_BUFFER = 8            # vpr/patch_netvlad messages kept by stamp (frames in flight)
+PATCH_WARN_PERIOD_S = 5.0   # throttle of the "no patches" warning
 
 
 @dataclass
@@ -65,6 +84,34 @@ class LoopClosureParams:
     """
 
     score_threshold: float = 0.5
+
+
+@dataclass
+class RerankParams:
+    """``rerank.*`` parameters of the ``vpr_localizer`` node: Patch-NetVLAD re-ranking.
+
+    Attributes:
+        mode: ``none`` | ``ransac`` (the paper's performance mode) | ``spatial`` (speed mode,
+            rapid spatial scoring); anything but ``none`` needs a map built with ``--patches``.
+        k: global candidates re-ranked (paper: 100).
+        wait_s: longest wait for a frame's ``vpr/patch_netvlad`` after its descriptor, s.
+        device: torch device of the patch matching (``cpu``, ``cuda``...).
+    """
+
+    mode: str = "none"
+    k: int = 100
+    wait_s: float = 0.5
+    device: str = "cpu"
+
+    def config(self) -> RerankConfig:
+        """As :class:`~vpr_localizer.localization.rerank.RerankConfig` (ConfigError: bad mode / k)."""
+        return RerankConfig(mode=self.mode, k=self.k, device=self.device)
+
+    def validate(self) -> None:
+        """Raises :class:`ConfigError` for a bad mode or k, or a negative / non-finite ``wait_s``."""
+        self.config()
+        if not (math.isfinite(self.wait_s) and self.wait_s >= 0):
+            raise ConfigError(f"rerank.wait_s must be a finite number >= 0, got {self.wait_s}")
 
 
 @dataclass
@@ -82,6 +129,7 @@ class LocalizerParams:
         localizer: ``localizer.*`` (:class:`~vpr_localizer.localization.localize.LocalizerConfig`).
         filter: ``filter.*`` (:class:`~vpr_localizer.localization.tracking.TrackingConfig`):
             sequence localisation over the keyframes; ``filter.enabled`` false = single-frame.
+        rerank: ``rerank.*`` (:class:`RerankParams`): Patch-NetVLAD re-ranking.
     """
 
     map_path: str = ""
@@ -92,6 +140,7 @@ class LocalizerParams:
     loop_closure: LoopClosureParams = field(default_factory=LoopClosureParams)
     localizer: LocalizerConfig = field(default_factory=LocalizerConfig)
     filter: TrackingConfig = field(default_factory=TrackingConfig)
+    rerank: RerankParams = field(default_factory=RerankParams)
 
     def validate(self) -> None:
         """Raises :class:`MapError` for an empty ``map_path``."""
@@ -110,6 +159,15 @@ class LocalizerNode(WorkerNode):
         self.map = VprMap.load(p.map_path)
         self.faiss_threads = max(1, p.faiss_threads)
         self.localizer = Localizer(self.map, p.localizer)
+        rcfg = p.rerank.config()
+        # MapError on a map without patches: fatal, with the map's "rebuild it with --patches"
+        self.reranker = self.localizer.reranker(rcfg) if rcfg.enabled else None
+        # candidates retrieved per frame: the estimate's top_k, the filter's observation, the re-ranked k
+        self.retrieve_k = min(max(p.localizer.top_k, p.filter.top_k if p.filter.enabled else 0,
+                                  rcfg.k if self.reranker is not None else 0), len(self.map))
+        self.patch_buffer: StampBuffer[Image] = StampBuffer(PATCH_BUFFER)
+        self.rerank_wait_s = p.rerank.wait_s
+        self.reranked_frames = self.unranked_frames = self.changed_first = 0
         self.tracker = self.odometry = None
         if p.filter.enabled:
             if self.map.has_positions:
@@ -123,6 +181,10 @@ class LocalizerNode(WorkerNode):
         self.pub_loop = self.create_publisher(Float64MultiArray, "vpr/loop_closure", reliable_qos())
         self.pub_markers = self.create_publisher(MarkerArray, "vpr/matches", reliable_qos())
         self.create_subscription(Image, "vpr/descriptor", self.start_worker().offer, reliable_qos(depth=5))
+        if self.reranker is not None:
+            self.create_subscription(Image, "vpr/patch_netvlad",
+                                     lambda m: self.patch_buffer.put(stamp_key(m.header.stamp), m),
+                                     reliable_qos(depth=5))
         if self.odometry is not None:
             self.create_subscription(Odometry, "odom", self._on_odom, reliable_qos(depth=50))
         self.tf = self._make_tf_broadcaster() if p.publish_tf else None
@@ -130,7 +192,9 @@ class LocalizerNode(WorkerNode):
             f"map {self.map.path}: {len(self.map)} keyframes, {self.dim}-D descriptors, "
             f"{'geotagged' if self.map.datum else 'no datum'}, loaded in {time.perf_counter() - t0:.2f} s; "
             + (f"filtered poses (HMM over keyframes{', odometry on odom' if self.odometry is not None else ''})"
-               if self.tracker else "single-frame poses"))
+               if self.tracker else "single-frame poses")
+            + (f"; Patch-NetVLAD re-ranking ({rcfg.paper_name} mode, top {rcfg.k}, patch sizes "
+               f"{list(self.reranker.sizes)}) with vpr/patch_netvlad" if self.reranker is not None else ""))
 
     def _on_odom(self, msg: Odometry) -> None:
         p = msg.pose.pose.position
@@ -156,13 +220,22 @@ class LocalizerNode(WorkerNode):
         desc = msg_to_descriptor(msg)
         if desc.shape[0] != 1 or desc.shape[1] != self.dim:
             raise ValueError(f"descriptor is {desc.shape[0]} x {desc.shape[1]}, the map needs 1 x {self.dim}")
+        desc = check_unit_norm(desc)  # NaN, all-zero or rescaled descriptors: logged and dropped
         t1 = time.perf_counter()
-        scores, ids = self.localizer.retrieve(desc)
+        scores, ids = self.localizer.retrieve(desc, k=self.retrieve_k)
+        ids, scores = ids[0], scores[0]
+        global_best = int(ids[0])
         t2 = time.perf_counter()
-        if self.tracker is not None:
-            est = self.tracker.update_retrieval(ids[0], scores[0], stamp_to_sec(msg.header.stamp))
+        rerank_values = {}
+        if self.reranker is not None:
+            ids, scores, rerank_values = self._rerank(msg.header, ids, scores)
+        t_rr = time.perf_counter()
+        top_k = self.localizer.config.top_k
+        if self.tracker is not None:  # observation: the first filter.top_k of the (re-ranked) order
+            n = self.tracker.config.top_k
+            est = self.tracker.update_retrieval(ids[:n], scores[:n], stamp_to_sec(msg.header.stamp))
         else:
-            est = self.localizer.estimate(ids[0], scores[0])
+            est = self.localizer.estimate(ids[:top_k], scores[:top_k])
         t3 = time.perf_counter()
         header = Header(stamp=msg.header.stamp, frame_id=self.frame_id)
         best = self.map.keyframes[est.best_id]
@@ -176,19 +249,57 @@ class LocalizerNode(WorkerNode):
                 stamp_to_sec(msg.header.stamp), float(top.stamp) if math.isfinite(top.stamp) else float("nan"),
                 float(est.scores[0]), float(est.ids[0])]))
         if self.map.has_positions:
-            self.pub_markers.publish(self._markers(header, est))
+            self.pub_markers.publish(self._markers(header, est, global_best))
             if self.tf is not None:
                 self.tf.sendTransform(self._transform(header, est, best))
         t4 = time.perf_counter()
-        values = {"decode_ms": 1e3 * (t1 - t0), "search_ms": 1e3 * (t2 - t1), "pose_ms": 1e3 * (t3 - t2),
+        values = {"decode_ms": 1e3 * (t1 - t0), "search_ms": 1e3 * (t2 - t1), "pose_ms": 1e3 * (t3 - t_rr),
                   "publish_ms": 1e3 * (t4 - t3), "map_keyframes": len(self.map), "best_score": float(est.scores[0]),
-                  "best_keyframe": est.best_id, "margin": float(est.margin)}
+                  "best_keyframe": est.best_id, "margin": float(est.margin), **rerank_values}
         if self.tracker is not None:
             f = est.filter
             values.update({"filter_converged": bool(f.converged), "posterior_probability": float(f.probability),
                            "hypotheses": int(f.n_hypotheses), "filter_reset": bool(f.was_reset),
                            "odom_distance_m": math.nan if est.distance_m is None else float(est.distance_m)})
         self.publish_diagnostics(values)
+
+    def _rerank(self, header: Header, ids: np.ndarray, scores: np.ndarray):
+        """The retrieval re-ranked with the frame's ``vpr/patch_netvlad`` (module doc), or unchanged
+        when none arrives within ``rerank.wait_s`` or it does not fit the map's patch layout.
+
+        Returns:
+            ``(ids (n,), scores (n,), diagnostics values)``.
+        """
+        t0 = time.perf_counter()
+        patch_msg = self.patch_buffer.wait(stamp_key(header.stamp), self.rerank_wait_s)
+        wait_ms = 1e3 * (time.perf_counter() - t0)
+        problem = None
+        if patch_msg is None:
+            problem = (f"no vpr/patch_netvlad with this frame's stamp within {self.rerank_wait_s:.2f} s "
+                       f"(is attention_node's publish_patch_netvlad true?)")
+        else:
+            try:
+                query = self.reranker.patches.layout.split(msg_to_descriptor(patch_msg))
+            except (ImageLoadError, ValueError) as exc:
+                problem = f"bad vpr/patch_netvlad message: {exc}"
+        if problem is not None:
+            self.unranked_frames += 1
+            self.get_logger().warning(f"{problem}; global order kept ({self.unranked_frames} frame(s) so far)",
+                                      throttle_duration_sec=PATCH_WARN_PERIOD_S)
+            return ids, scores, {"patch_wait_ms": wait_ms, "reranked": False,
+                                 "frames_without_patches": self.unranked_frames}
+        rr = self.reranker.rerank(query, ids, scores)
+        new_ids, new_scores = merge_ranking(rr, ids, scores)
+        self.reranked_frames += 1
+        changed = bool(len(new_ids) and int(new_ids[0]) != int(ids[0]))
+        self.changed_first += int(changed)
+        return new_ids, new_scores, {"patch_wait_ms": wait_ms, "rerank_ms": 1e3 * rr.seconds, "reranked": True,
+                                     "rerank_changed_best": changed, "reranked_frames": self.reranked_frames,
+                                     "rerank_changed_frames": self.changed_first,
+                                     "frames_without_patches": self.unranked_frames}
+
+    def _wake_worker(self) -> None:
+        self.patch_buffer.close()  # a frame waiting for its patches goes on at once
 
     def _pose_msg(self, header: Header, est, best) -> PoseWithCovarianceStamped:
         m = PoseWithCovarianceStamped()
@@ -230,7 +341,7 @@ class LocalizerNode(WorkerNode):
         m.position_covariance_type = NavSatFix.COVARIANCE_TYPE_APPROXIMATED
         return m
 
-    def _markers(self, header: Header, est) -> MarkerArray:
+    def _markers(self, header: Header, est, global_best: int) -> MarkerArray:
         pts = Marker(header=header, ns="vpr_matches", id=0, type=Marker.SPHERE_LIST, action=Marker.ADD)
         pts.scale.x = pts.scale.y = pts.scale.z = 2.0
         pts.pose.orientation.w = 1.0
@@ -246,7 +357,18 @@ class LocalizerNode(WorkerNode):
         line.color = ColorRGBA(r=0.1, g=0.4, b=1.0, a=1.0)
         best = self.map.keyframes[est.best_id]
         line.points = [Point(x=est.x, y=est.y, z=0.0), Point(x=best.x, y=best.y, z=0.0)]
-        return MarkerArray(markers=[pts, line])
+        markers = [pts, line]
+        if global_best != est.best_id:  # re-ranking (or the filter) moved the first place: show the old one
+            g = self.map.keyframes[global_best]
+            cube = Marker(header=header, ns="vpr_global_best", id=2, type=Marker.CUBE, action=Marker.ADD)
+            cube.scale.x = cube.scale.y = cube.scale.z = 1.5
+            cube.pose.position = Point(x=g.x, y=g.y, z=g.z if math.isfinite(g.z) else 0.0)
+            cube.pose.orientation.w = 1.0
+            cube.color = ColorRGBA(r=0.6, g=0.6, b=0.6, a=0.8)
+        else:
+            cube = Marker(header=header, ns="vpr_global_best", id=2, action=Marker.DELETE)
+        markers.append(cube)
+        return MarkerArray(markers=markers)
 
 
 def main(argv=None) -> int:

@@ -194,22 +194,25 @@ def test_bad_input_is_logged_and_dropped(lund, ros_env, tmp_path, capfd):
         assert wait_for(lambda: probe.stamped("pose", (102, 0)), timeout=30.0)
         assert att.labelled_frames == 1 and att.unlabelled_frames == 1
 
-        # vpr_localizer: a NaN descriptor is logged and dropped, the next good one gives a pose
+        # vpr_localizer: NaN, all-zero and rescaled (1e30) descriptors are logged and dropped, the
+        # next good one gives a pose
         errors0, received0 = loc.worker.stats.errors, loc.worker.stats.received
-        nan = np.full((1, lund.descriptors.shape[1]), np.nan, np.float32)
-        pub_desc.publish(descriptor_to_msg(nan, Header(stamp=sec_to_stamp(200.0), frame_id="camera")))
-        settle(loc.worker, errors0 + 1, received0 + 1)
+        dim = lund.descriptors.shape[1]
+        bad = [np.full((1, dim), np.nan, np.float32), np.zeros((1, dim), np.float32), lund.descriptors[:1] * 1e30]
+        for i, d in enumerate(bad):
+            pub_desc.publish(descriptor_to_msg(d, Header(stamp=sec_to_stamp(200.0 + 0.1 * i), frame_id="camera")))
+            settle(loc.worker, errors0 + i + 1, received0 + i + 1)
         pub_desc.publish(descriptor_to_msg(lund.descriptors[:1], Header(stamp=sec_to_stamp(201.0), frame_id="camera")))
-        assert wait_for(lambda: probe.stamped("pose", (201, 0)), timeout=15.0), "no pose after the NaN descriptor"
-        assert not probe.stamped("pose", (200, 0))
+        assert wait_for(lambda: probe.stamped("pose", (201, 0)), timeout=15.0), "no pose after the bad descriptors"
+        assert not any(probe.stamped("pose", (200, n)) for n in (0, 100_000_000, 200_000_000))
         p = probe.stamped("pose", (201, 0))[0].pose.pose.position
         assert abs(p.x - lund.estimates[0].x) <= 1e-3 and abs(p.y - lund.estimates[0].y) <= 1e-3
-        assert loc.worker.stats.errors == errors0 + 1
+        assert loc.worker.stats.errors == errors0 + 3
 
         # every problem was logged (rcutils logs to stderr)
         err = capfd.readouterr().err
         for needle in ("unsupported image encoding 'weird16'", "data length 100 bytes", "zero size",
-                       "compressed image (jpeg", "NaN"):
+                       "compressed image (jpeg", "NaN", "L2 norm 0, not 1", "L2 norm 1e+30"):
             assert needle in err, f"{needle!r} not logged; stderr:\n{err[-3000:]}"
     finally:
         if cmp is not None:

@@ -29,6 +29,38 @@ from vpr_localizer.localization.sequence import SequenceConfig, match_sequences
 from vpr_localizer.mapping.store import VprMap
 
 
+#: Largest deviation of a query descriptor's L2 norm from 1 that :func:`check_unit_norm` accepts.
+UNIT_NORM_TOLERANCE = 1e-2
+
+
+def check_unit_norm(descriptors: np.ndarray, tolerance: float = UNIT_NORM_TOLERANCE) -> np.ndarray:
+    """Check that query descriptors are what every encoder of this suite emits: finite and
+    L2-normalised (NetVLAD, GeM, PCA whitening all end with an L2 normalisation). A descriptor
+    from outside (a ROS message) that is all zeros or scaled by 1e30 would otherwise give a
+    confident pose (cosine scores far outside [-1, 1]).
+
+    Args:
+        descriptors: ``(Q, D)`` (or ``(D,)``) float32.
+        tolerance: largest accepted ``|norm - 1|``.
+
+    Returns:
+        The descriptors as float32 ``(Q, D)``.
+
+    Raises:
+        ValueError: a NaN / Inf value, or a norm outside ``1 +- tolerance`` (names it).
+    """
+    d = np.asarray(descriptors, dtype=np.float32)
+    d = d[None] if d.ndim == 1 else d
+    if not np.isfinite(d).all():
+        raise ValueError("query descriptor contains NaN or Inf")
+    norms = np.linalg.norm(d.astype(np.float64), axis=1)
+    bad = np.flatnonzero(np.abs(norms - 1.0) > tolerance)
+    if bad.size:
+        raise ValueError(f"query descriptor has L2 norm {norms[bad[0]]:.6g}, not 1 (+-{tolerance:g}): "
+                         f"descriptors must be L2-normalised as the map's encoder emits them")
+    return d
+
+
 @dataclass
 class LocalizerConfig:
     """Parameters of :class:`Localizer`.

@@ -28,6 +28,7 @@ Every keyframe of a map has the same grid (the encoder's fixed input size), henc
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -52,6 +53,14 @@ PATCH_FILES = (PATCHES_FILE, PATCH_OFFSETS_FILE, PATCH_PCA_FILE)
 NO_PATCHES_MESSAGE = "this map has no patch descriptors; rebuild it with --patches"
 _DTYPE = np.dtype("<f2")
 _COPY_ROWS = 1 << 14
+
+
+@functools.lru_cache(maxsize=64)
+def _centres(grid_hw: Tuple[int, int], patch_size: int, stride: int) -> np.ndarray:
+    """:func:`patch_centres`, cached (one read-only array per layout and size)."""
+    c = patch_centres(grid_hw, patch_size, stride)
+    c.flags.writeable = False
+    return c
 
 
 @dataclass(frozen=True)
@@ -92,6 +101,49 @@ class PatchLayout:
         """float16 storage of one keyframe's patches, bytes."""
         return self.rows_per_keyframe * self.dim * _DTYPE.itemsize
 
+    def stack(self, scales: Sequence[PatchDescriptors]) -> np.ndarray:
+        """One image's patch sets -> ``(rows_per_keyframe, dim)`` float32 rows: the sizes in the
+        layout's order, each row-major over its patch grid (the ``vpr/patch_netvlad`` message and
+        a keyframe's rows in ``patches.npy``). Inverse: :meth:`split`.
+
+        Raises:
+            ValueError: the sets' sizes, strides, counts or dimension differ from the layout's.
+        """
+        by_size = {int(pd.patch_size): pd for pd in scales}
+        rows = []
+        for p, s, n in zip(self.patch_sizes, self.strides, self.counts):
+            pd = by_size.get(p)
+            if pd is None or pd.stride != s or pd.num_patches != n or pd.dim != self.dim:
+                have = None if pd is None else (pd.stride, pd.num_patches, pd.dim)
+                raise ValueError(f"patch set of size {p} does not fit the layout: (stride, patches, dim) "
+                                 f"{have} vs {(s, n, self.dim)}")
+            rows.append(np.asarray(pd.descriptors, dtype=np.float32))
+        return np.concatenate(rows, axis=0)
+
+    def split(self, rows: np.ndarray, patch_sizes: Optional[Sequence[int]] = None) -> List[PatchDescriptors]:
+        """Inverse of :meth:`stack`: ``(rows_per_keyframe, dim)`` rows -> the patch sets at
+        ``patch_sizes`` (every size when None), in that order, with the grid's centres. The
+        descriptors are views of ``rows`` (same dtype).
+
+        Raises:
+            ValueError: ``rows`` is not ``(rows_per_keyframe, dim)``, or a size the layout lacks.
+        """
+        rows = rows if isinstance(rows, np.ndarray) else np.asarray(rows)
+        if rows.ndim != 2 or rows.shape != (self.rows_per_keyframe, self.dim):
+            raise ValueError(f"patch rows are {tuple(rows.shape)}, this map's layout needs "
+                             f"({self.rows_per_keyframe}, {self.dim}) (sizes {list(self.patch_sizes)} on a "
+                             f"{self.grid_hw[0]}x{self.grid_hw[1]} grid)")
+        starts = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
+        out = []
+        for p in (self.patch_sizes if patch_sizes is None else patch_sizes):
+            p = int(p)
+            if p not in self.patch_sizes:
+                raise ValueError(f"patch size {p} is not in the layout (sizes {list(self.patch_sizes)})")
+            i = self.patch_sizes.index(p)
+            out.append(PatchDescriptors(p, rows[starts[i]:starts[i + 1]], _centres(self.grid_hw, p, self.strides[i]),
+                                        self.strides[i], self.grid_hw))
+        return out
+
     def config(self) -> Dict:
         """The comparable part: ``{"patch_sizes", "strides", "dim", "grid_hw"}`` as lists / ints."""
         return {"patch_sizes": list(self.patch_sizes), "strides": list(self.strides), "dim": self.dim,
@@ -131,10 +183,6 @@ class MapPatches:
         self.descriptors = descriptors
         self.offsets = np.asarray(offsets, dtype=np.int64)
         self.info = dict(info or {})
-        self._centres = {(p, s): patch_centres(layout.grid_hw, p, s)
-                         for p, s in zip(layout.patch_sizes, layout.strides)}
-        starts = np.concatenate([[0], np.cumsum(layout.counts)]).astype(np.int64)
-        self._scale_rows = {p: (int(starts[i]), int(starts[i + 1])) for i, p in enumerate(layout.patch_sizes)}
         self._finalizer = weakref.finalize(self, cleanup) if cleanup is not None else None
 
     def __len__(self) -> int:
@@ -163,16 +211,10 @@ class MapPatches:
         if self.descriptors is None:
             raise MapError("patch descriptors are closed")
         base = int(self.offsets[int(i)])
-        out = []
-        for p in (self.layout.patch_sizes if patch_sizes is None else patch_sizes):
-            p = int(p)
-            if p not in self._scale_rows:
+        for p in (patch_sizes or ()):
+            if int(p) not in self.layout.patch_sizes:
                 raise KeyError(f"patch size {p} is not stored in this map (sizes {list(self.layout.patch_sizes)})")
-            a, b = self._scale_rows[p]
-            s = self.layout.strides[self.layout.patch_sizes.index(p)]
-            out.append(PatchDescriptors(p, self.descriptors[base + a:base + b], self._centres[(p, s)], s,
-                                        self.layout.grid_hw))
-        return out
+        return self.layout.split(self.descriptors[base:base + self.layout.rows_per_keyframe], patch_sizes)
 
     def keyframes(self, ids: Sequence[int], patch_sizes: Optional[Sequence[int]] = None) -> List[List[PatchDescriptors]]:
         """:meth:`keyframe` of each id (lazily: only these keyframes' rows are read)."""
