@@ -64,7 +64,8 @@ Loop closures
     Candidates are also kept in ``self.loop_closures``.
 
 Errors
-    Bad configuration (empty ``map_path``, an existing map without ``overwrite: true``,
+    Bad configuration (empty ``map_path``, an existing map without ``overwrite: true``, a
+    ``map_path`` that is a file or a non-map folder (never replaced, even with ``overwrite``),
     unknown ``position_source``, vgg16 without weights, too few local features for K) raises
     :class:`ConfigError` / :class:`~vpr_localizer.errors.VprError` from the constructor (fatal:
     :func:`main` logs one line and exits with status 2). A bad frame (undecodable image,
@@ -94,7 +95,7 @@ from vpr_localizer.models.fitting import sample_feature_locations
 from vpr_localizer.errors import ConfigError, MapError, WeightsError
 from vpr_localizer.geodesy import EnuDatum
 from vpr_localizer.mapping.loop_closure import LoopCandidate, LoopClosureConfig, LoopClosureDetector
-from vpr_localizer.mapping.store import Keyframe, write_map
+from vpr_localizer.mapping.store import Keyframe, check_map_target, write_map
 from vpr_ros.convert import image_msg_to_rgb, stamp_to_sec
 from vpr_ros.params import declare_params
 from vpr_ros.qos import camera_subscription, reliable_qos, sensor_subscription
@@ -341,6 +342,8 @@ class MapBuilderNode(WorkerNode):
     def _setup(self) -> None:
         self.params = p = declare_params(self, MapBuilderParams)
         self.map_path = os.path.abspath(p.map_path)
+        # puts back a map an interrupted replacement left aside; refuses a file or non-map folder
+        check_map_target(self.map_path, overwrite=True)
         if os.path.exists(self.map_path) and not p.overwrite:
             raise MapError(f"map_path {self.map_path} exists already: set overwrite: true to replace it")
         self.position_source = p.position_source.lower()

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 
 from vpr_localizer.cli.common import add_encoder_args, add_patch_args, encoder_config_from_args, patch_settings_from_args
 
@@ -34,16 +33,24 @@ def add_build_map_parser(sub) -> argparse.ArgumentParser:
 
 
 def run_build_map(args) -> int:
-    """Execute ``build-map``; returns the exit status."""
+    """Execute ``build-map``; returns the exit status.
+
+    Raises:
+        MapError: ``--out`` exists and ``--overwrite`` is not given, or ``--overwrite`` is given
+            but ``--out`` is a file or a directory that is not a map (nothing is deleted).
+        VprError: the other errors of loading images, weights and building the map.
+    """
     from vpr_localizer.models.encoder import Encoder
     from vpr_localizer.mapping.build import build_map
     from vpr_localizer.param_files import load_params
     from vpr_localizer.io.records import load_records
 
-    from vpr_localizer.errors import ConfigError, MapError
+    from vpr_localizer.errors import ConfigError
+    from vpr_localizer.mapping.store import check_map_target
 
-    if os.path.exists(args.out) and not args.overwrite:  # fail before minutes of encoding
-        raise MapError(f"map already exists: {os.path.abspath(args.out)} (use --overwrite)")
+    # fail before minutes of encoding: an existing path without --overwrite, or --overwrite onto
+    # something that is not a map (MapError)
+    check_map_target(args.out, args.overwrite)
     patch_flags = [f for f, v in (("--patch-sizes", args.patch_sizes), ("--patch-dim", args.patch_dim),
                                   ("--patch-pca-images", args.patch_pca_images),
                                   ("--patch-pca-samples", args.patch_pca_samples)) if v is not None]

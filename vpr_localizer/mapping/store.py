@@ -11,20 +11,29 @@ A map is a directory::
                       keyframe (float16, memory-mapped) and the patch PCA, described by the
                       ``patches`` section of map.yaml (:mod:`vpr_localizer.mapping.patches`)
 
-It is written atomically: everything goes to a temporary sibling directory which is then
-renamed into place, so a reader never sees a half-written map. Loading checks every file
-against the sizes and hashes in ``map.yaml`` and the keyframe count against the index, so a
-truncated or mixed-up map is one clear :class:`~vpr_localizer.errors.MapError`.
+It is written atomically: everything goes to a temporary sibling directory
+(``.NAME.tmp-PID``) which is then renamed into place, so a reader never sees a half-written map.
+Replacing a map moves the previous one aside first (``.NAME.old-PID``); should the process die
+between the two renames, the next :meth:`VprMap.load` or :func:`write_map` of that path puts the
+previous map back (:func:`recover_interrupted_replace`), and every save removes the temporary and
+backup siblings left by processes that are gone (:func:`clean_stale_siblings`). Only a map
+directory is ever replaced: ``overwrite`` refuses any other file or folder
+(:func:`check_map_target`). Loading checks every file against the sizes and hashes in
+``map.yaml`` and the keyframe count against the index, so a truncated or mixed-up map is one
+clear :class:`~vpr_localizer.errors.MapError`.
 """
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import math
 import os
 import shutil
 import sqlite3
+import threading
+import time
 from dataclasses import dataclass, fields
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import yaml
@@ -39,6 +48,12 @@ MAP_YAML = "map.yaml"
 KEYFRAMES_DB = "keyframes.sqlite"
 INDEX_FILE = "index.faiss"
 ENCODER_FILE = "encoder.pt"
+
+LOG = logging.getLogger(__name__)
+
+_WRITING: set = set()          # absolute map paths this process is writing right now
+_WRITING_LOCK = threading.Lock()
+SWAP_WAIT_S = 1.0              # how long to let a live writer finish its two renames before recovering
 
 
 @dataclass
@@ -109,10 +124,222 @@ def _read_keyframes(path: str) -> List[Keyframe]:
     return out
 
 
+
+# --------------------------------------------------------------------------------------------
+# replacing a map safely: what may be overwritten, recovery after a crash, stale siblings
+# --------------------------------------------------------------------------------------------
+
+def _read_map_yaml(path: str) -> Optional[Dict]:
+    """``map.yaml`` of directory ``path`` when it parses as a vpr_localizer map, else None."""
+    meta_path = os.path.join(path, MAP_YAML)
+    if not (os.path.isdir(path) and os.path.isfile(meta_path)):
+        return None
+    try:
+        with open(meta_path) as f:
+            meta = yaml.safe_load(f)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    if not isinstance(meta, dict) or meta.get("format") != "vpr_localizer.map":
+        return None
+    return meta
+
+
+def is_map_dir(path: str) -> bool:
+    """True when ``path`` is a directory whose ``map.yaml`` parses as a vpr_localizer map (its
+    other files are not checked: a truncated map still counts, so that it can be replaced)."""
+    return _read_map_yaml(path) is not None
+
+
+def _is_complete_map(path: str) -> bool:
+    """A map directory holding every file its ``map.yaml`` lists, at the listed size (no hashes)."""
+    meta = _read_map_yaml(path)
+    files = None if meta is None else meta.get("files")
+    if not isinstance(files, dict) or not all(n in files for n in (KEYFRAMES_DB, INDEX_FILE, ENCODER_FILE)):
+        return False
+    for name, info in files.items():
+        fp = os.path.join(path, str(name))
+        if not (isinstance(info, dict) and os.path.isfile(fp) and os.path.getsize(fp) == info.get("bytes")):
+            return False
+    return True
+
+
+def _pid_alive(pid: int) -> bool:
+    """``os.kill(pid, 0)``: False only when no such process exists."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists, it is someone else's
+        return True
+    return True
+
+
+def _siblings(path: str) -> List[Tuple[str, str, int]]:
+    """``(sibling path, 'tmp' | 'old', pid)`` of every ``.NAME.tmp-PID`` / ``.NAME.old-PID`` next
+    to map ``path`` (absolute)."""
+    parent, base = os.path.split(path)
+    prefix = f".{base}."
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return []
+    out = []
+    for name in sorted(names):
+        if not name.startswith(prefix):
+            continue
+        kind, sep, pid = name[len(prefix):].partition("-")
+        if sep and kind in ("tmp", "old") and pid.isdigit() and int(pid) > 0:
+            out.append((os.path.join(parent, name), kind, int(pid)))
+    return out
+
+
+def _owner_busy(path: str, pid: int) -> bool:
+    """True when process ``pid`` may still be writing map ``path`` (another live process, or this
+    one inside :func:`write_map` of ``path``)."""
+    if pid == os.getpid():
+        with _WRITING_LOCK:
+            return path in _WRITING
+    return _pid_alive(pid)
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
+
+
+def _yaml_mtime(path: str) -> float:
+    try:
+        return os.path.getmtime(os.path.join(path, MAP_YAML))
+    except OSError:
+        return 0.0
+
+
+def recover_interrupted_replace(path: str) -> bool:
+    """Put back the previous map when a replacement of ``path`` was interrupted.
+
+    :func:`write_map` replaces a map by renaming it aside to ``.NAME.old-PID`` and then renaming
+    the new one in; a process killed between the two leaves no map at ``path``. When ``path`` is
+    missing and such a sibling holds a complete map (``map.yaml`` and every file it lists, at the
+    listed size), the newest one is renamed back to ``path`` with a logged warning. A sibling whose
+    writer is still alive gets :data:`SWAP_WAIT_S` to finish its swap first; either way the
+    rename cannot clobber a map that appears meanwhile (a directory is never renamed onto a
+    non-empty one).
+
+    Args:
+        path: map directory.
+
+    Returns:
+        True when a previous map was restored.
+
+    Raises:
+        MapError: ``path`` is missing, a previous map exists but cannot be renamed back (e.g. a
+            read-only parent directory); the message names both paths.
+    """
+    path = os.path.abspath(path)
+    if os.path.lexists(path):
+        return False
+    cands = [(p, pid) for p, kind, pid in _siblings(path) if kind == "old" and _is_complete_map(p)]
+    if not cands:
+        return False
+    if any(_owner_busy(path, pid) for _, pid in cands):
+        deadline = time.monotonic() + SWAP_WAIT_S
+        while not os.path.lexists(path) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if os.path.lexists(path):
+            return False
+    cands.sort(key=lambda c: _yaml_mtime(c[0]), reverse=True)
+    for src, pid in cands:
+        try:
+            os.rename(src, path)
+        except FileNotFoundError:
+            continue  # someone else restored or removed it meanwhile
+        except OSError as exc:
+            if os.path.lexists(path):
+                return False  # a map appeared meanwhile
+            raise MapError(f"map {path} is missing after an interrupted replacement and the previous map "
+                           f"{src} cannot be put back ({exc}); rename it to {path} by hand") from exc
+        LOG.warning("map %s was missing after an interrupted replacement (process %d): restored the "
+                    "previous map from %s", path, pid, src)
+        return True
+    return False
+
+
+def clean_stale_siblings(path: str) -> List[str]:
+    """Remove the ``.NAME.tmp-PID`` / ``.NAME.old-PID`` siblings of map ``path`` left behind by
+    writers that are gone.
+
+    A sibling is stale when process ``PID`` does not exist (``os.kill(PID, 0)``), or is this
+    process outside :func:`write_map` of ``path``. Backups (``.old-``) are only removed while a
+    map is in place at ``path`` (call :func:`recover_interrupted_replace` first), so the last copy
+    of a map is never deleted. Siblings that cannot be removed are logged and kept.
+
+    Args:
+        path: map directory.
+
+    Returns:
+        The removed paths.
+    """
+    path = os.path.abspath(path)
+    have_map = is_map_dir(path)
+    removed = []
+    for sib, kind, pid in _siblings(path):
+        if (kind == "old" and not have_map) or _owner_busy(path, pid):
+            continue
+        try:
+            _remove(sib)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            LOG.warning("cannot remove stale %s: %s", sib, exc)
+            continue
+        removed.append(sib)
+    if removed:
+        LOG.info("removed %d stale sibling(s) of map %s: %s", len(removed), path,
+                 ", ".join(os.path.basename(r) for r in removed))
+    return removed
+
+
+def check_map_target(path: str, overwrite: bool) -> None:
+    """Check that a map may be written at ``path``; first restores a previous map an interrupted
+    replacement left aside (:func:`recover_interrupted_replace`).
+
+    Args:
+        path: map directory to write.
+        overwrite: an existing map at ``path`` may be replaced.
+
+    Raises:
+        MapError: ``map already exists: PATH (use --overwrite)`` when something exists at
+            ``path`` and ``overwrite`` is False; ``refusing to overwrite PATH: ...`` when
+            ``overwrite`` is True but ``path`` is a regular file, or a directory without a
+            ``map.yaml`` that parses as a vpr_localizer map (nothing is touched); or the
+            :func:`recover_interrupted_replace` error.
+    """
+    path = os.path.abspath(path)
+    recover_interrupted_replace(path)
+    if not os.path.lexists(path):
+        return
+    if not overwrite:
+        raise MapError(f"map already exists: {path} (use --overwrite)")
+    if not os.path.isdir(path):
+        raise MapError(f"refusing to overwrite {path}: it is a file, not a map directory "
+                       f"(--overwrite only replaces a map; remove it or choose another path)")
+    if not is_map_dir(path):
+        why = (f"{MAP_YAML} is not a vpr_localizer map" if os.path.isfile(os.path.join(path, MAP_YAML))
+               else f"no {MAP_YAML}")
+        raise MapError(f"refusing to overwrite {path}: it is not a map directory ({why}; --overwrite only "
+                       f"replaces a map; remove it or choose another path)")
+
+
 def write_map(path: str, keyframes: Sequence[Keyframe], index, encoder_checkpoint: Dict,
               fingerprint: Dict, datum: Optional[EnuDatum], extra: Optional[Dict] = None,
               overwrite: bool = False, patches: Optional[MapPatches] = None) -> str:
     """Write a map directory atomically.
+
+    Before writing, a previous map an interrupted replacement left aside is put back
+    (:func:`recover_interrupted_replace`); before and after, stale temporary / backup siblings of
+    dead writers are removed (:func:`clean_stale_siblings`).
 
     Args:
         path: map directory to create.
@@ -122,7 +349,8 @@ def write_map(path: str, keyframes: Sequence[Keyframe], index, encoder_checkpoin
         fingerprint: :meth:`Encoder.fingerprint` of that encoder.
         datum: ENU origin when the map is geotagged, else None.
         extra: more metadata for ``map.yaml`` (e.g. ``build`` info).
-        overwrite: replace an existing map at ``path`` (atomically).
+        overwrite: replace an existing map at ``path`` (atomically); only a map directory is
+            replaced (:func:`check_map_target`).
         patches: the keyframes' Patch-NetVLAD descriptors (one set per keyframe, same order), or
             None: written as ``patches.npy`` / ``patch_offsets.npy`` / ``patch_pca.npz`` with a
             ``patches`` section in ``map.yaml`` (:mod:`vpr_localizer.mapping.patches`).
@@ -131,13 +359,11 @@ def write_map(path: str, keyframes: Sequence[Keyframe], index, encoder_checkpoin
         ``path``.
 
     Raises:
-        MapError: ``path`` exists and ``overwrite`` is False, or ids/count are inconsistent
-            (also the patch sets' count).
+        MapError: ``path`` exists and ``overwrite`` is False; ``overwrite`` is True but ``path``
+            is a file or a directory that is not a map (nothing is touched); ids/count are
+            inconsistent (also the patch sets' count); or writing fails (the previous map, if
+            any, stays at ``path``).
     """
-    import torch
-
-    from vpr_localizer.mapping.index import save_index
-
     path = os.path.abspath(path)
     if [k.id for k in keyframes] != list(range(len(keyframes))):
         raise MapError("keyframe ids must be 0..N-1 in index order")
@@ -145,11 +371,30 @@ def write_map(path: str, keyframes: Sequence[Keyframe], index, encoder_checkpoin
         raise MapError(f"index holds {index.ntotal} descriptors but {len(keyframes)} keyframes were given")
     if patches is not None and len(patches) != len(keyframes):
         raise MapError(f"{len(patches)} keyframes' patch descriptors for {len(keyframes)} keyframes")
-    if os.path.exists(path) and not overwrite:
-        raise MapError(f"map already exists: {path} (use --overwrite)")
+    check_map_target(path, overwrite)
+    clean_stale_siblings(path)
     parent = os.path.dirname(path)
     tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{os.getpid()}")
     old = os.path.join(parent, f".{os.path.basename(path)}.old-{os.getpid()}")
+    with _WRITING_LOCK:
+        _WRITING.add(path)
+    try:
+        _write_and_swap(path, tmp, old, keyframes, index, encoder_checkpoint, fingerprint, datum, extra, patches)
+    finally:
+        with _WRITING_LOCK:
+            _WRITING.discard(path)
+    clean_stale_siblings(path)
+    return path
+
+
+def _write_and_swap(path, tmp, old, keyframes, index, encoder_checkpoint, fingerprint, datum, extra, patches) -> None:
+    """:func:`write_map` once checked: write ``tmp`` fully, move a map at ``path`` aside to ``old``,
+    rename ``tmp`` to ``path``, remove ``old``; on failure, remove ``tmp`` and put ``old`` back."""
+    import torch
+
+    from vpr_localizer.mapping.index import save_index
+
+    parent = os.path.dirname(path)
     try:
         os.makedirs(parent, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -188,13 +433,21 @@ def write_map(path: str, keyframes: Sequence[Keyframe], index, encoder_checkpoin
         os.rename(tmp, path)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if os.path.isdir(old) and not os.path.exists(path):
-            os.rename(old, path)  # put the previous map back
+        if os.path.lexists(old) and not os.path.lexists(path):
+            try:
+                os.rename(old, path)  # put the previous map back
+            except OSError as exc2:
+                LOG.error("cannot put the previous map back from %s to %s (%s): the next load or save "
+                          "of %s restores it", old, path, exc2, path)
         if isinstance(exc, (OSError, RuntimeError, sqlite3.Error)) and not isinstance(exc, MapError):
             raise MapError(f"cannot write map {path}: {exc}") from exc
         raise
-    shutil.rmtree(old, ignore_errors=True)
-    return path
+    try:
+        _remove(old)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        LOG.warning("cannot remove the previous map %s: %s", old, exc)
 
 
 class VprMap:
@@ -269,12 +522,17 @@ class VprMap:
     def load(cls, path: str, verify_hashes: bool = True) -> "VprMap":
         """Open a map directory.
 
+        When ``path`` is missing because a replacement was interrupted (a writer killed between
+        its two renames), the previous map is put back first, with a logged warning
+        (:func:`recover_interrupted_replace`).
+
         Args:
             path: map directory.
             verify_hashes: check SHA-256 of every file (sizes are always checked).
 
         Raises:
-            MapError: missing directory or file, unknown format version, a file whose size or
+            MapError: missing directory or file (also a previous map that cannot be put back),
+                unknown format version, a file whose size or
                 hash differs from ``map.yaml`` (truncated/corrupt), keyframe count !=
                 index size, or patch files that disagree with the ``patches`` section
                 (:meth:`MapPatches.load`).
@@ -284,6 +542,7 @@ class VprMap:
         from vpr_localizer.mapping.index import load_index
 
         path = os.path.abspath(path)
+        recover_interrupted_replace(path)
         if not os.path.isdir(path):
             raise MapError(f"map not found: {path}")
         meta_path = os.path.join(path, MAP_YAML)
