@@ -3,12 +3,42 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 from typing import Dict, Optional
 
 
 def default_shared_dir() -> str:
-    """``$VPR_SHARED_DIR`` or ``../shared`` relative to the working directory."""
+    """``$VPR_SHARED_DIR`` or ``../shared`` (resolved by :func:`resolve_shared_dir`: relative to
+    the working directory, else to the repository root)."""
     return os.environ.get("VPR_SHARED_DIR", os.path.join("..", "shared"))
+
+
+def repository_root() -> str:
+    """The directory holding the ``vpr_localizer`` package (the repository root of a source
+    checkout; the shared data folder ``../shared`` sits beside it)."""
+    import vpr_localizer
+
+    return str(Path(vpr_localizer.__file__).resolve().parents[1])
+
+
+def resolve_shared_dir(path: str) -> str:
+    """The shared data folder (``--shared``) ``path``, found from any working directory.
+
+    A relative ``path`` that is not a directory relative to the working directory is tried
+    relative to the repository root (:func:`repository_root`), so the default ``../shared`` finds
+    the folder beside the repository wherever the command runs. ``~`` is expanded.
+
+    Returns:
+        The first candidate that is a directory, else ``path`` unchanged (the commands then
+        report the missing dataset or weight file).
+    """
+    if not path:
+        return path
+    expanded = os.path.expanduser(path)
+    if os.path.isdir(expanded) or os.path.isabs(expanded):
+        return expanded
+    cand = os.path.normpath(os.path.join(repository_root(), expanded))
+    return cand if os.path.isdir(cand) else path
 
 
 def add_encoder_args(p: argparse.ArgumentParser) -> None:

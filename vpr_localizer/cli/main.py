@@ -22,7 +22,8 @@ from typing import Dict, List, Optional
 
 from vpr_localizer.cli.common import (add_encoder_args, add_patch_args, add_rerank_args, add_sequence_args,
                                       default_shared_dir, encoder_config_from_args, patch_settings_from_args,
-                                      rerank_configs_from_args, online_filter_from_args, scenario_encoder_base,
+                                      rerank_configs_from_args, online_filter_from_args, resolve_shared_dir,
+                                      scenario_encoder_base,
                                       sequence_config_from_args)
 from vpr_localizer.errors import ConfigError
 
@@ -106,6 +107,14 @@ def _rerank_kwargs(args) -> Dict:
     return {"rerank": rerank, "patch_settings": settings, "query_step": args.query_step}
 
 
+def scenario_output(args, scenario: str) -> tuple:
+    """``(output folder, run name)`` of one scenario run: ``--out/NAME`` and ``NAME`` when
+    ``--name`` is given (so runs with different names do not overwrite each other), else
+    ``--out/SCENARIO`` and the scenario name."""
+    run_name = getattr(args, "name", None) or scenario
+    return os.path.join(args.out, run_name), run_name
+
+
 def _run_scenario(name: str, args) -> Dict:
     from vpr_localizer.evaluation.evaluate import evaluate, summary_lines
     from vpr_localizer.evaluation.scenarios import get_scenario
@@ -114,9 +123,9 @@ def _run_scenario(name: str, args) -> Dict:
     shared = args.shared
     datasets = os.path.join(shared, "datasets")
     cfg = encoder_config_from_args(args, scenario_encoder_base(sc, shared))
-    out = os.path.join(args.out, sc.name)
+    out, run_name = scenario_output(args, sc.name)
     LOG.info("scenario %s: %s", sc.name, sc.description)
-    res = evaluate(sc.map.load(datasets), sc.queries.load(datasets), cfg, sc.gt, out, name=sc.name,
+    res = evaluate(sc.map.load(datasets), sc.queries.load(datasets), cfg, sc.gt, out, name=run_name,
                    description=sc.description, save_map_dir=not getattr(args, "no_map", False),
                    sequence_lengths=args.sequence, sequence_config=sequence_config_from_args(args),
                    online_filter=online_filter_from_args(args), **_rerank_kwargs(args))
@@ -141,7 +150,7 @@ def _cmd_evaluate(args) -> int:
     gt = GroundTruth(args.gt, thresholds_m=tuple(args.thresholds), frame_tolerance=args.frame_tolerance)
     mrec = load_records(args.map_images, args.map_csv, "auto", args.map_select, args.map_condition)
     qrec = load_records(args.query_images, args.query_csv, "auto", args.query_select, args.query_condition)
-    res = evaluate(mrec, qrec, cfg, gt, args.out, name=args.name, sequence_lengths=args.sequence,
+    res = evaluate(mrec, qrec, cfg, gt, args.out, name=args.name or "evaluation", sequence_lengths=args.sequence,
                    sequence_config=sequence_config_from_args(args), online_filter=online_filter_from_args(args),
                    **_rerank_kwargs(args))
     for line in summary_lines(res.metrics):
@@ -320,9 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="recall@N / error metrics with GeM and GAP baselines, plots")
     e.add_argument("--scenario", choices=list(SCENARIOS))
-    e.add_argument("--shared", default=default_shared_dir(), help="folder holding datasets/ and weights/")
+    e.add_argument("--shared", default=default_shared_dir(),
+                   help="folder holding datasets/ and weights/ (relative: to the working directory, "
+                        "else to the repository root)")
     e.add_argument("--out", default=os.path.join("results", "evaluate"))
-    e.add_argument("--name", default="evaluation")
+    e.add_argument("--name", help="run name: with --scenario the outputs go to --out/NAME (default: "
+                                  "--out/SCENARIO); without, the name in the metrics (default 'evaluation')")
     e.add_argument("--no-map", action="store_true", help="do not write the evaluation map to disk")
     for side in ("map", "query"):
         e.add_argument(f"--{side}-images")
@@ -420,6 +432,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="[%(levelname)s] %(name)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    if getattr(args, "shared", None):
+        args.shared = resolve_shared_dir(args.shared)
     try:
         return int(args.func(args) or 0)
     except (VprError, ValueError) as exc:

@@ -413,7 +413,7 @@ def _rerank_entry(mdesc: np.ndarray, qdesc: np.ndarray, mrecs, qrecs, rel: Dict[
     """Metrics of NetVLAD + Patch-NetVLAD re-ranking (:class:`~vpr_localizer.localization.rerank.PatchReranker`)
     in the layout of the single-frame entries, plus a ``rerank`` block (mode, k, patch sizes,
     ms/query of the re-ranking alone, query patch extraction ms/image, bytes/keyframe)."""
-    from tqdm import tqdm
+    from vpr_localizer.progress import progress_bar
 
     loc = Localizer(_in_memory_map(mrecs, mdesc, menc.datum, menc.patches), lcfg)
     rr = loc.reranker(rc)
@@ -423,7 +423,7 @@ def _rerank_entry(mdesc: np.ndarray, qdesc: np.ndarray, mrecs, qrecs, rel: Dict[
     ranked_ids = np.zeros((q, ids.shape[1]), np.int64)
     ranked_scores = np.zeros((q, ids.shape[1]), np.float32)
     seconds = 0.0
-    for qi in tqdm(range(q), desc=f"re-ranking ({rc.paper_name})", unit="query", disable=not progress, leave=False):
+    for qi in progress_bar(range(q), desc=f"re-ranking ({rc.paper_name})", unit="query", disable=not progress, leave=False):
         res = rr.rerank(qpatches.keyframe(qi, rr.sizes), ids[qi], scores[qi])
         seconds += res.seconds
         fi, fs = merge_ranking(res, ids[qi], scores[qi])

@@ -177,7 +177,7 @@ def make_bag(records: Sequence[ImageRecord], out_path: str, rate_hz: float = 2.0
         ValueError: invalid ``rate_hz``, ``storage`` or ``version``.
     """
     from rosbags.rosbag2 import StoragePlugin, Writer, WriterError
-    from tqdm import tqdm
+    from vpr_localizer.progress import progress_bar
 
     if storage not in STORAGES:
         raise ValueError(f"storage must be one of {', '.join(STORAGES)}, got {storage!r}")
@@ -218,7 +218,7 @@ def make_bag(records: Sequence[ImageRecord], out_path: str, rate_hz: float = 2.0
             counts[topic] += 1
 
         with writer:
-            bar = tqdm(records, desc="make-bag", unit="img", disable=not progress, leave=False)
+            bar = progress_bar(records, desc="make-bag", unit="img", disable=not progress, leave=False)
             for rec in bar:
                 try:
                     rgb = load_image(rec.path)

@@ -15,6 +15,7 @@ Pose estimate (our method; the retrieval itself is NetVLAD's):
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Tuple
 
@@ -26,7 +27,7 @@ from vpr_localizer.errors import FingerprintMismatchError, WeightsError
 from vpr_localizer.mapping.index import search
 from vpr_localizer.localization.rerank import PatchReranker, RerankConfig, RerankResult, merge_ranking
 from vpr_localizer.localization.sequence import SequenceConfig, match_sequences
-from vpr_localizer.mapping.store import VprMap
+from vpr_localizer.mapping.store import MAP_YAML, VprMap, check_build_section, check_encoder_section
 
 
 #: Largest deviation of a query descriptor's L2 norm from 1 that :func:`check_unit_norm` accepts.
@@ -322,12 +323,15 @@ def encoder_for_map(vpr_map: VprMap, weights: Optional[str] = None, device: str 
     ``segmentation_weights`` or the path recorded in ``map.yaml``.
 
     Raises:
+        MapError: the map's ``encoder`` or ``build`` section is malformed (a missing or mistyped
+            field, named in the message; :func:`~vpr_localizer.mapping.store.check_encoder_section`).
         WeightsError: weight file missing or unloadable.
         FingerprintMismatchError: the resulting encoder is not the one that built the map
             (other weights, backbone, input size, clusters or PCA).
     """
-    fp = vpr_map.fingerprint
-    build = vpr_map.meta.get("build", {})
+    where = os.path.join(str(vpr_map.path), MAP_YAML)
+    fp = check_encoder_section(where, vpr_map.fingerprint)
+    build = check_build_section(where, vpr_map.meta.get("build"))
     cfg = EncoderConfig(backbone=fp["backbone"], weights=weights or build.get("weights"),
                         preprocessing=fp["preprocessing"], image_size=tuple(fp["image_size"]),
                         aggregator=fp["aggregator"], num_clusters=fp["num_clusters"] or 64,

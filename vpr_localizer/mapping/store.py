@@ -157,10 +157,130 @@ def _is_complete_map(path: str) -> bool:
     if not isinstance(files, dict) or not all(n in files for n in (KEYFRAMES_DB, INDEX_FILE, ENCODER_FILE)):
         return False
     for name, info in files.items():
-        fp = os.path.join(path, str(name))
-        if not (isinstance(info, dict) and os.path.isfile(fp) and os.path.getsize(fp) == info.get("bytes")):
+        fp = confined_map_file(path, name)
+        if not (fp is not None and isinstance(info, dict) and os.path.isfile(fp)
+                and os.path.getsize(fp) == info.get("bytes")):
             return False
     return True
+
+
+def confined_map_file(path: str, name) -> Optional[str]:
+    """The file ``name`` of map directory ``path`` when ``name`` (a ``files`` entry of
+    ``map.yaml``) is a plain file name inside the map directory, else None.
+
+    Refused: a non-string or empty name, an absolute path, any path separator (``a/b``,
+    ``../x``), ``.`` / ``..``, and a name that resolves (through symbolic links) outside
+    ``path``: ``map.yaml`` must never make the loader stat, hash or open another file.
+    """
+    if not isinstance(name, str) or not name or name in (".", "..") or "\0" in name:
+        return None
+    if os.path.isabs(name) or os.path.basename(name) != name or (os.altsep and os.altsep in name):
+        return None
+    fp = os.path.join(path, name)
+    root = os.path.realpath(path)
+    if os.path.dirname(os.path.realpath(fp)) != root:
+        return None
+    return fp
+
+
+#: fingerprint fields ``encoder_for_map`` rebuilds the encoder from: name -> (check, what is expected)
+_FINGERPRINT_FIELDS = {
+    "backbone": (lambda v: isinstance(v, str) and bool(v), "a backbone name"),
+    "preprocessing": (lambda v: isinstance(v, str) and bool(v), "a preprocessing name"),
+    "aggregator": (lambda v: isinstance(v, str) and bool(v), "an aggregator name"),
+    "image_size": (lambda v: isinstance(v, (list, tuple)) and len(v) == 2
+                   and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v),
+                   "[W, H], two positive integers"),
+    "num_clusters": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                     "an integer >= 0"),
+}
+_GUIDANCE_FLAGS = ("static_mask", "seg_stream", "attention")
+
+
+def check_encoder_section(where: str, fingerprint) -> Dict:
+    """Check the ``encoder`` section (fingerprint) of a ``map.yaml``.
+
+    Args:
+        where: the ``map.yaml`` path (or the map), for the message.
+        fingerprint: the parsed section.
+
+    Returns:
+        ``fingerprint``.
+
+    Raises:
+        MapError: one line naming ``where`` and the bad field: the section is not a mapping, one
+            of backbone / preprocessing / aggregator / image_size / num_clusters is missing or of
+            the wrong type, or a ``guidance`` section lacks its flags, segmentation backend or
+            segmentation size.
+    """
+    if not isinstance(fingerprint, dict):
+        raise MapError(f"{where}: no encoder fingerprint ('encoder' must be a mapping, "
+                       f"got {type(fingerprint).__name__})")
+    for key, (ok, what) in _FINGERPRINT_FIELDS.items():
+        if key not in fingerprint:
+            raise MapError(f"{where}: the 'encoder' section has no '{key}'")
+        if not ok(fingerprint[key]):
+            raise MapError(f"{where}: 'encoder.{key}' must be {what}, got {fingerprint[key]!r}")
+    guidance = fingerprint.get("guidance")
+    if guidance is None:
+        return fingerprint
+    if not isinstance(guidance, dict):
+        raise MapError(f"{where}: 'encoder.guidance' must be a mapping, got {type(guidance).__name__}")
+    for key in _GUIDANCE_FLAGS:
+        if not isinstance(guidance.get(key), bool):
+            raise MapError(f"{where}: 'encoder.guidance.{key}' must be true or false, got {guidance.get(key)!r}")
+    if guidance["static_mask"] or guidance["seg_stream"]:
+        if not (isinstance(guidance.get("segmentation"), str) and guidance["segmentation"]):
+            raise MapError(f"{where}: 'encoder.guidance.segmentation' must be a backend name, "
+                           f"got {guidance.get('segmentation')!r}")
+        size = guidance.get("segmentation_size")
+        if not _FINGERPRINT_FIELDS["image_size"][0](size):
+            raise MapError(f"{where}: 'encoder.guidance.segmentation_size' must be [W, H], two positive "
+                           f"integers, got {size!r}")
+    return fingerprint
+
+
+def check_build_section(where: str, build) -> Dict:
+    """Check the optional ``build`` section of a ``map.yaml``.
+
+    Returns:
+        The section, ``{}`` when absent (None).
+
+    Raises:
+        MapError: one line naming ``where``: ``build`` is not a mapping, or its ``weights`` /
+            ``segmentation_weights`` is neither a path (string) nor null.
+    """
+    if build is None:
+        return {}
+    if not isinstance(build, dict):
+        raise MapError(f"{where}: 'build' must be a mapping, got {type(build).__name__}")
+    for key in ("weights", "segmentation_weights"):
+        if build.get(key) is not None and not isinstance(build[key], str):
+            raise MapError(f"{where}: 'build.{key}' must be a file path, got {build[key]!r}")
+    return build
+
+
+def datum_from_meta(where: str, datum) -> Optional[EnuDatum]:
+    """The ENU datum of a ``map.yaml`` ``datum`` entry (None / empty: not geotagged).
+
+    Raises:
+        MapError: one line naming ``where``: ``datum`` is not a mapping, lacks ``lat`` or
+            ``lon``, has unknown keys, or a value that is not a finite number.
+    """
+    if not datum:
+        return None
+    if not isinstance(datum, dict):
+        raise MapError(f"{where}: 'datum' must be a mapping with lat, lon, alt, got {type(datum).__name__}")
+    unknown = sorted(str(k) for k in datum if k not in ("lat", "lon", "alt"))
+    if unknown:
+        raise MapError(f"{where}: 'datum' has unknown key(s) {', '.join(unknown)} (expected lat, lon, alt)")
+    for key in ("lat", "lon"):
+        if key not in datum:
+            raise MapError(f"{where}: 'datum' has no '{key}'")
+    for key, v in datum.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise MapError(f"{where}: 'datum.{key}' must be a finite number, got {v!r}")
+    return EnuDatum(**{k: float(v) for k, v in datum.items()})
 
 
 def _pid_alive(pid: int) -> bool:
@@ -471,8 +591,7 @@ class VprMap:
         self.index = index
         self.encoder_checkpoint = encoder_checkpoint
         self.patches = patches
-        d = meta.get("datum")
-        self.datum = EnuDatum(**d) if d else None
+        self.datum = datum_from_meta(os.path.join(str(path), MAP_YAML), meta.get("datum"))
 
     @property
     def fingerprint(self) -> Dict:
@@ -532,7 +651,11 @@ class VprMap:
 
         Raises:
             MapError: missing directory or file (also a previous map that cannot be put back),
-                unknown format version, a file whose size or
+                unknown format version, a malformed ``encoder`` / ``build`` / ``datum`` section
+                (:func:`check_encoder_section`, :func:`check_build_section`,
+                :func:`datum_from_meta`; the message names ``map.yaml`` and the field), a
+                ``files`` entry that is not a plain file name inside the map directory
+                (:func:`confined_map_file`), a file whose size or
                 hash differs from ``map.yaml`` (truncated/corrupt), keyframe count !=
                 index size, or patch files that disagree with the ``patches`` section
                 (:meth:`MapPatches.load`).
@@ -560,15 +683,24 @@ class VprMap:
                            f"(this build reads version {FORMAT_VERSION})")
         if not isinstance(meta.get("encoder"), dict):
             raise MapError(f"{meta_path}: no encoder fingerprint")
+        check_encoder_section(meta_path, meta["encoder"])
+        check_build_section(meta_path, meta.get("build"))
+        datum_from_meta(meta_path, meta.get("datum"))
         files = meta.get("files")
         if not isinstance(files, dict):
             raise MapError(f"{meta_path}: no 'files' section")
+        file_paths = {}
         for name, info in files.items():
+            fp = confined_map_file(path, name)
+            if fp is None:
+                raise MapError(f"{meta_path}: 'files' entry {name!r} is not a plain file name inside the map "
+                               f"directory (absolute paths, '..' and sub-paths are refused)")
             if not (isinstance(info, dict) and isinstance(info.get("bytes"), int)
                     and isinstance(info.get("sha256"), str)):
                 raise MapError(f"{meta_path}: corrupt entry for {name} in 'files' (needs bytes and sha256)")
+            file_paths[name] = fp
         for name, info in files.items():
-            fp = os.path.join(path, name)
+            fp = file_paths[name]
             if not os.path.isfile(fp):
                 raise MapError(f"map {path} is incomplete: {name} is missing")
             size = os.path.getsize(fp)

@@ -440,14 +440,14 @@ class Encoder:
         Returns:
             :class:`EncodeResult`.
         """
-        from tqdm import tqdm
+        from vpr_localizer.progress import progress_bar
 
         self._require_trained()
         heads = {k: m.to(self.device).eval() for k, m in (extra_heads or {}).items()}
         desc, raw, extras, ok, skipped = [], [], {k: [] for k in heads}, [], []
         t0 = time.perf_counter()
         t_callback = 0.0
-        bar = tqdm(total=len(paths), desc=progress, unit="img", disable=progress is None, leave=False)
+        bar = progress_bar(total=len(paths), desc=progress, unit="img", disable=progress is None, leave=False)
         for idx, batch in iter_image_batches(paths, self.config.image_size, self.config.batch_size,
                                              on_skip=lambda p, r: (skipped.append((p, r)), bar.update(1))):
             enc = self.encode_batch(batch)

@@ -59,7 +59,7 @@ def sample_stream_features(encoder, paths: Sequence[str], progress: Optional[str
     Returns:
         ``{"image": (N, C)[, "seg": (N, C)]}`` float32.
     """
-    from tqdm import tqdm
+    from vpr_localizer.progress import progress_bar
 
     cfg = encoder.config
     n = min(len(paths), cfg.kmeans_max_images)
@@ -69,7 +69,7 @@ def sample_stream_features(encoder, paths: Sequence[str], progress: Optional[str
     rng = np.random.default_rng(cfg.seed)
     streams = ("image", "seg") if cfg.guided and cfg.seg_stream else ("image",)
     out = {k: [] for k in streams}
-    bar = tqdm(total=len(sub), desc=progress, unit="img", disable=progress is None, leave=False)
+    bar = progress_bar(total=len(sub), desc=progress, unit="img", disable=progress is None, leave=False)
     for idx, batch in iter_image_batches(sub, cfg.image_size, cfg.batch_size,
                                          on_skip=lambda p, r: bar.update(1)):
         feats = encoder.stream_features(batch) if len(streams) > 1 else StreamFeatures(encoder.feature_maps(batch))

@@ -263,7 +263,7 @@ def fit_patch_pca_on_images(encoder, paths: Sequence[str], settings: PatchSettin
     """
     import time
 
-    from tqdm import tqdm
+    from vpr_localizer.progress import progress_bar
 
     from vpr_localizer.io.image_files import iter_image_batches
 
@@ -279,7 +279,7 @@ def fit_patch_pca_on_images(encoder, paths: Sequence[str], settings: PatchSettin
     raw = PatchEncoder(encoder, settings.patch_sizes, settings.strides)  # no PCA: K*C dims
     rows: List[np.ndarray] = []
     used = 0
-    bar = tqdm(total=len(sub), desc=progress, unit="img", disable=progress is None, leave=False)
+    bar = progress_bar(total=len(sub), desc=progress, unit="img", disable=progress is None, leave=False)
     for idx, batch in iter_image_batches(sub, cfg.image_size, min(cfg.batch_size, 4),
                                          on_skip=lambda p, r: bar.update(1)):
         feats = encoder.stream_features(batch)

@@ -174,12 +174,12 @@ def cache_features(encoder: Encoder, items: Sequence[_Item], seed: int, progress
     Returns:
         (features with batch axis N_ok, indices of the items that could be read).
     """
-    from tqdm import tqdm
+    from vpr_localizer.progress import progress_bar
 
     cfg = encoder.config
     parts: Dict[str, List[torch.Tensor]] = {"image": [], "seg": [], "static": []}
     ok: List[int] = []
-    bar = tqdm(total=len(items), desc=progress, unit="img", disable=progress is None, leave=False)
+    bar = progress_bar(total=len(items), desc=progress, unit="img", disable=progress is None, leave=False)
     for idx, batch in iter_image_batches([it.record.path for it in items], cfg.image_size, cfg.batch_size,
                                          on_skip=lambda p, r: bar.update(1)):
         for j, i in enumerate(idx):
@@ -305,14 +305,14 @@ def train_encoder(encoder: Encoder, traversals: Sequence[Sequence[ImageRecord]],
     best_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
     best = (r1, 0)
     t1 = time.perf_counter()
-    from tqdm import tqdm
+    from vpr_localizer.progress import progress_bar
 
     for epoch in range(1, cfg.epochs + 1):
         head.eval()
         triplets = _mine(_describe(head, train_f, device), train_items, cfg, rng)
         head.train()
         total, steps = 0.0, 0
-        bar = tqdm(total=len(triplets), desc=f"epoch {epoch}/{cfg.epochs}", unit="q", disable=not progress,
+        bar = progress_bar(total=len(triplets), desc=f"epoch {epoch}/{cfg.epochs}", unit="q", disable=not progress,
                    leave=False)
         for s in range(0, len(triplets), cfg.queries_per_step):
             chunk = triplets[s:s + cfg.queries_per_step]
