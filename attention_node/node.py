@@ -309,6 +309,7 @@ class AttentionNode(WorkerNode):
             return None
 
     def _process(self, msg) -> None:
+        self.check_stamp(msg.header)
         t0 = time.perf_counter()
         rgb = image_msg_to_rgb(msg)
         t1 = time.perf_counter()

@@ -40,7 +40,10 @@ With the filter on, its observation is the first ``filter.top_k`` candidates of 
 
 A map that cannot be loaded (or ``rerank.mode`` set on a map without patches) is fatal (the constructor raises :class:`MapError`); a bad
 descriptor message (wrong size, NaN, not L2-normalised: an all-zero or rescaled descriptor) is
-logged and dropped, and the node keeps running.
+logged and dropped, and the node keeps running. Header stamps that are zero, negative, repeated
+or older than the newest are counted (diagnostics ``stamps_*``) and logged; with the filter on, a
+repeated or out-of-order descriptor is dropped (it would reset the filter or count twice) and
+a zero or negative stamp updates the filter without the time-gap check.
 """
 from __future__ import annotations
 
@@ -216,6 +219,10 @@ class LocalizerNode(WorkerNode):
 
             faiss.omp_set_num_threads(self.faiss_threads)
             self.faiss_threads = 0
+        anomaly = self.check_stamp(msg.header, "descriptor")
+        if self.tracker is not None and anomaly in ("duplicate", "out_of_order"):
+            raise ValueError(f"descriptor stamp is {anomaly.replace('_', ' ')}: not fed to the filter "
+                             f"(a late or repeated frame would reset or double-count it)")
         t0 = time.perf_counter()
         desc = msg_to_descriptor(msg)
         if desc.shape[0] != 1 or desc.shape[1] != self.dim:
@@ -233,7 +240,8 @@ class LocalizerNode(WorkerNode):
         top_k = self.localizer.config.top_k
         if self.tracker is not None:  # observation: the first filter.top_k of the (re-ranked) order
             n = self.tracker.config.top_k
-            est = self.tracker.update_retrieval(ids[:n], scores[:n], stamp_to_sec(msg.header.stamp))
+            stamp = None if anomaly is not None else stamp_to_sec(msg.header.stamp)  # zero / negative: no gap check
+            est = self.tracker.update_retrieval(ids[:n], scores[:n], stamp)
         else:
             est = self.localizer.estimate(ids[:top_k], scores[:top_k])
         t3 = time.perf_counter()

@@ -91,6 +91,7 @@ class SegmentationNode(WorkerNode):
             f"input {self.sub.topic_name} ({'CompressedImage' if self.compressed else 'Image'})")
 
     def _process(self, msg) -> None:
+        self.check_stamp(msg.header)
         t0 = time.perf_counter()
         rgb = image_msg_to_rgb(msg)  # ImageLoadError on a bad frame: logged by the worker
         t1 = time.perf_counter()

@@ -183,3 +183,53 @@ def test_odometry_drives_the_filter_in_the_node(lund, ros_env, tmp_path):
                               TrackingConfig.from_dict(live["filter"]))
     without = [plain.update(lund.descriptors[i:i + 1], stamps[i]) for i in range(15)]
     assert any(abs(a.x - b.x) > 1.0 for a, b in zip(offline, without))
+
+
+def test_bad_stamps_do_not_corrupt_the_filter(lund, ros_env, tmp_path):
+    """Descriptors with a repeated, an out-of-order and a zero stamp into vpr_localizer with the
+    filter on: the repeated and late ones are dropped (logged, counted), the zero-stamp one updates
+    the filter without the gap check; the poses equal the offline filter fed only what the node
+    kept, and the diagnostics count each anomaly."""
+    from sensor_msgs.msg import Image
+    from std_msgs.msg import Header
+
+    from vpr_localizer.localization.localize import Localizer, LocalizerConfig
+    from vpr_localizer.localization.tracking import FilteredLocalizer, TrackingConfig
+    from vpr_localizer.mapping.store import VprMap
+    from vpr_ros.convert import descriptor_to_msg, sec_to_stamp
+    from vpr_ros.graph import Graph
+    from vpr_ros.qos import reliable_qos
+
+    live = _live_filter_section()
+    # (frame index, stamp s, kept by the node, stamp the filter sees)
+    plan = [(0, 500.0, True, 500.0), (1, 501.0, True, 501.0), (2, 501.0, False, None), (3, 499.5, False, None),
+            (4, 502.0, True, 502.0), (5, 0.0, True, None), (6, 503.0, True, 503.0)]
+    fl = FilteredLocalizer(Localizer(VprMap.load(lund.map), LocalizerConfig.from_dict(live["localizer"])),
+                           TrackingConfig.from_dict(live["filter"]))
+    offline = {t: fl.update(lund.descriptors[i:i + 1], seen) for i, t, kept, seen in plan if kept}
+
+    graph = Graph(write_params(lund, tmp_path / "params.yaml", localizer={"filter": live["filter"]},
+                               nodes=("vpr_localizer",)), names=["vpr_localizer"])
+    probe = None
+    try:
+        probe = graph_probe(graph)
+        node = graph.node("vpr_localizer")
+        pub = probe.node.create_publisher(Image, "vpr/descriptor", reliable_qos())
+        assert wait_for(lambda: pub.get_subscription_count() >= 1 and probe.node.count_publishers("vpr/pose") >= 1,
+                        timeout=15.0), "discovery"
+        st = node.worker.stats
+        for n, (i, t, kept, _) in enumerate(plan):
+            pub.publish(descriptor_to_msg(lund.descriptors[i:i + 1], Header(stamp=sec_to_stamp(t), frame_id="camera")))
+            assert wait_for(lambda: st.processed + st.errors == n + 1 and node.worker.idle(), timeout=15.0), st
+        assert (st.processed, st.errors) == (5, 2), st
+        assert wait_for(lambda: probe.count("pose") == 5 and len(probe.statuses("vpr_localizer")) == 5, timeout=10.0)
+        poses, diag = probe.messages("pose"), probe.last_status("vpr_localizer")
+    finally:
+        if probe is not None:
+            probe.close()
+        graph.shutdown()
+    assert (diag["stamps_duplicate"], diag["stamps_out_of_order"], diag["stamps_zero"]) == ("1", "1", "1"), diag
+    for m, t in zip(poses, [t for _, t, kept, _ in plan if kept]):
+        ref, p = offline[t], m.pose.pose.position
+        assert abs(m.header.stamp.sec + 1e-9 * m.header.stamp.nanosec - t) < 1e-6
+        assert abs(p.x - ref.x) <= 1e-3 and abs(p.y - ref.y) <= 1e-3, (t, p, ref)

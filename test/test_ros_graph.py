@@ -11,6 +11,7 @@ graph down (executor before context) so that the process exits cleanly.
 """
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -235,3 +236,19 @@ def test_run_with_missing_map_exits_2(node, ros_env, tmp_path):
     assert "Traceback" not in out, out
     lines = [ln for ln in out.splitlines() if str(missing) in ln]
     assert len(lines) == 1 and "cannot start" in lines[0] and "map not found" in lines[0], out
+
+
+def test_demo_accounts_for_every_frame(datasets_dir, weights_dir, data_file, ros_env, tmp_path):
+    """The ROS part of the main job (``vpr-localizer demo``), small: Lund at 160x120, replayed
+    four times faster than the CLI default. Lossless by default: every query gets its pose, and
+    the frame counts (published, received, dropped, failed) say so."""
+    from vpr_ros.demo import ros_demo
+
+    data_file(weights_dir / "vgg16_features_imagenet_caffe_bgr.pth")
+    m = ros_demo(str(datasets_dir.parent), str(tmp_path / "demo"), image_size=(160, 120), rate=1.0)
+    fr = m["frames"]
+    assert m["queries"] == 15 and m["poses_received"] == 15, m
+    assert (fr["published"], fr["received_attention"], fr["lost_in_transport"]) == (15, 15, 0), fr
+    assert fr["dropped_attention"] == fr["dropped_localizer"] == fr["errors_attention"] == fr["errors_localizer"] == 0
+    saved = json.loads((tmp_path / "demo" / "ros_demo.json").read_text())
+    assert saved["frames"] == fr and saved["lossless"] is True

@@ -64,3 +64,17 @@ def test_error_counted_and_worker_goes_on():
 def test_depth_below_one_refused():
     with pytest.raises(ValueError, match="queue depth"):
         LatestFrameWorker(lambda m: None, _Log(), depth=0)
+
+
+def test_stamp_monitor_classifies_and_counts():
+    from builtin_interfaces.msg import Time
+
+    from vpr_ros.stamp_check import StampMonitor
+
+    m = StampMonitor()
+    seq = [(10, 0), (10, 5), (10, 5), (9, 999), (0, 0), (-1, 0), (11, 0), (10, 999)]
+    kinds = [m.check(Time(sec=s, nanosec=n)) for s, n in seq]
+    assert kinds == [None, None, "duplicate", "out_of_order", "zero", "negative", None, "out_of_order"]
+    assert m.last == (11, 0)
+    assert m.diagnostics() == {"stamps_zero": 1, "stamps_negative": 1, "stamps_duplicate": 1,
+                               "stamps_out_of_order": 2}

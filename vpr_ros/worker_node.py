@@ -23,6 +23,9 @@ from vpr_localizer.errors import ConfigError
 from .diagnostics import worker_diagnostics
 from .latest import LatestFrameWorker
 from .qos import reliable_qos
+from .stamp_check import StampMonitor
+
+STAMP_WARN_PERIOD_S = 5.0  # throttle of the stamp-anomaly warning
 
 
 class WorkerNode(Node):
@@ -46,6 +49,7 @@ class WorkerNode(Node):
     def __init__(self, **kwargs):
         super().__init__(self.NAME, **kwargs)
         self.worker: Optional[LatestFrameWorker] = None
+        self.stamps = StampMonitor()  # input header stamps (check_stamp), reported in diagnostics
         self._torn_down = False
         self.pub_diag = self.create_publisher(DiagnosticArray, "diagnostics", reliable_qos())
         try:
@@ -74,13 +78,27 @@ class WorkerNode(Node):
         self.worker = LatestFrameWorker(self._process, self.get_logger(), self.NAME, depth=depth)
         return self.worker
 
+    def check_stamp(self, header, what: str = "frame") -> Optional[str]:
+        """Classify the input message's header stamp (:class:`~vpr_ros.stamp_check.StampMonitor`:
+        zero, negative, duplicate or out of order); an anomaly is counted (diagnostics
+        ``stamps_*``) and logged (throttled). Call it from ``_process``. Returns the anomaly or None."""
+        kind = self.stamps.check(header.stamp)
+        if kind is not None:
+            last = self.stamps.last
+            self.get_logger().warning(
+                f"{what} stamp {header.stamp.sec}.{header.stamp.nanosec:09d} is {kind.replace('_', ' ')}"
+                + (f" (newest so far {last[0]}.{last[1]:09d})" if last is not None and kind != "zero" else "")
+                + f"; {self.stamps.counts[kind]} such so far", throttle_duration_sec=STAMP_WARN_PERIOD_S)
+        return kind
+
     def publish_diagnostics(self, values: Dict[str, object], ok_message: Optional[str] = None,
                             problems: Sequence[str] = ()) -> None:
         """Publish :func:`~vpr_ros.diagnostics.worker_diagnostics` of ``self.worker``: ``values``
         + frame counters, OK with ``ok_message`` (default :attr:`OK_MESSAGE`) or WARN with the bad
         frames and ``problems``. Call it from ``_process`` once the frame's work is done."""
         self.pub_diag.publish(worker_diagnostics(
-            self.get_clock().now().to_msg(), self.get_name(), self.worker.stats, values,
+            self.get_clock().now().to_msg(), self.get_name(), self.worker.stats,
+            {**values, **self.stamps.diagnostics()},
             self.OK_MESSAGE if ok_message is None else ok_message, self.BAD_INPUT, problems))
 
     def _wake_worker(self) -> None:

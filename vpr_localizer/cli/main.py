@@ -186,6 +186,11 @@ def _cmd_demo(args) -> int:
         print(f"\n== ROS graph: map {args.ros_scenario} map images, replay its queries as a bag through "
               "attention_node -> vpr_localizer")
         m = ros_demo(args.shared, out, args.ros_scenario, rate=args.rate)
+        fr = m["frames"]
+        print(f"   frames: {fr['published']} published, {fr['received_attention']} reached attention_node "
+              f"({fr['lost_in_transport']} lost in transport), dropped {fr['dropped_attention']} + "
+              f"{fr['dropped_localizer']}, failed {fr['errors_attention']} + {fr['errors_localizer']} "
+              f"(attention_node + vpr_localizer)")
         print(f"   poses received {m['poses_received']}/{m['queries']} (frames dropped {m['frames_dropped']}); "
               f"error mean {m['mean_error_m']:.1f} m, median {m['median_error_m']:.1f} m; "
               f"within 3 m {m['within_3m']}/{m['queries']}, within 25 m {m['within_25m']}/{m['queries']}; "
