@@ -15,9 +15,14 @@ Publishes:
     dropped / bad frames, encode time, flushes).
 Writes:
     the map directory ``map_path`` (same format as ``vpr-localizer build-map``, so
-    :meth:`VprMap.load` and :func:`~vpr_localizer.localization.localize.encoder_for_map` open it), atomically
-    (:func:`~vpr_localizer.mapping.store.write_map`), every ``flush_interval_s`` from a timer and in
-    :meth:`MapBuilderNode.flush` (which ``Graph.shutdown`` and :func:`main` call on shutdown).
+    :meth:`VprMap.load` and :func:`~vpr_localizer.localization.localize.encoder_for_map` open it), every
+    ``flush_interval_s`` from a timer and in :meth:`MapBuilderNode.flush` (which ``Graph.shutdown``
+    and :func:`main` call on shutdown). The timer's flushes are incremental: only the keyframes
+    added since the last flush are appended in place
+    (:class:`~vpr_localizer.mapping.append.MapAppender`), so their cost does not grow with the
+    map; the first write, a write after the encoder changed and :meth:`MapBuilderNode.flush`
+    rewrite the whole directory atomically (:func:`~vpr_localizer.mapping.store.write_map`).
+    Either way the directory is a complete map at every instant.
 
 Keyframes
     With a position source, a frame becomes a keyframe when the camera moved at least
@@ -95,6 +100,7 @@ from vpr_localizer.models.fitting import sample_feature_locations
 from vpr_localizer.errors import ConfigError, MapError, WeightsError
 from vpr_localizer.geodesy import EnuDatum
 from vpr_localizer.mapping.loop_closure import LoopCandidate, LoopClosureConfig, LoopClosureDetector
+from vpr_localizer.mapping.append import MapAppender
 from vpr_localizer.mapping.store import Keyframe, check_map_target, write_map
 from vpr_ros.convert import image_msg_to_rgb, stamp_to_sec
 from vpr_ros.params import declare_params
@@ -378,6 +384,9 @@ class MapBuilderNode(WorkerNode):
         self._flushed_count = 0
         self._ckpt: Optional[Dict] = None
         self._fingerprint: Optional[Dict] = None
+        self._written_fingerprint: Optional[Dict] = None  # encoder of the map on disk (None: not written)
+        self._appender: Optional[MapAppender] = None
+        self._appended = False  # the map on disk holds appended keyframes (a full write folds them in)
         self._lock = threading.RLock()        # map state + encoder initialisation
         self._flush_lock = threading.Lock()   # one map write at a time (write_map uses a per-pid temp dir)
         if self.encoder.trained:
@@ -475,7 +484,7 @@ class MapBuilderNode(WorkerNode):
 
     def _on_flush_timer(self) -> None:
         try:
-            self._flush(finish_bootstrap=False)
+            self._flush(finish_bootstrap=False, full=False)
         except Exception as exc:  # noqa: BLE001 - the timer must survive; retried next period
             self.flush_errors += 1
             self.last_flush_error = str(exc)
@@ -573,7 +582,7 @@ class MapBuilderNode(WorkerNode):
 
     # --- writing the map ------------------------------------------------------------------
 
-    def flush(self, finish_bootstrap: bool = True) -> Optional[str]:
+    def flush(self, finish_bootstrap: bool = True, full: bool = True) -> Optional[str]:
         """Write the map now (atomically); meant for shutdown (``Graph.shutdown`` calls it).
 
         Args:
@@ -581,8 +590,14 @@ class MapBuilderNode(WorkerNode):
                 those buffered so far, so that no keyframe is lost (the default, right at
                 shutdown). Pass False for a mid-run flush that must not initialise NetVLAD
                 on fewer than ``bootstrap_keyframes`` keyframes (the periodic timer does).
+            full: rewrite the whole map directory (:func:`write_map`, the default: it also
+                folds the appended descriptors into ``index.faiss``); False appends only the
+                keyframes added since the last flush (:class:`MapAppender`, what the periodic
+                timer does), falling back to a full write when the map was not written yet,
+                the encoder changed, or the append fails.
 
-        Nothing is written when the map has no keyframe or nothing changed since the last write.
+        Nothing is written when the map has no keyframe or nothing changed since the last write
+        (a full flush still rewrites a map that grew by appends, folding them into the index).
 
         Returns:
             The map directory, or None when there was nothing to write.
@@ -590,9 +605,9 @@ class MapBuilderNode(WorkerNode):
         Raises:
             MapError: the map cannot be written.
         """
-        return self._flush(finish_bootstrap)
+        return self._flush(finish_bootstrap, full)
 
-    def _flush(self, finish_bootstrap: bool) -> Optional[str]:
+    def _flush(self, finish_bootstrap: bool, full: bool = True) -> Optional[str]:
         import faiss
 
         with self._flush_lock:
@@ -602,10 +617,17 @@ class MapBuilderNode(WorkerNode):
                         and len(self.bootstrap):
                     cands = self._finish_bootstrap_locked()
                 n = len(self.keyframes)
-                if n == 0 or n == self._flushed_count:
+                if n == 0 or (n == self._flushed_count and not (full and self._appended)):
                     return self.map_path if n else None
-                keyframes = list(self.keyframes)
-                index = faiss.clone_index(self.detector.index)  # a copy: mapping goes on meanwhile
+                m = self._flushed_count
+                incremental = (not full and m > 0 and self._written_fingerprint is not None
+                               and self._written_fingerprint == self._fingerprint)
+                if incremental:  # only what is not on disk yet: the cost does not grow with the map
+                    keyframes = self.keyframes[m:n]
+                    descriptors = self.detector.index.reconstruct_n(m, n - m)
+                else:
+                    keyframes = list(self.keyframes)
+                    index = faiss.clone_index(self.detector.index)  # a copy: mapping goes on meanwhile
             if cands:
                 try:
                     self._publish_loops(cands)
@@ -619,18 +641,45 @@ class MapBuilderNode(WorkerNode):
                 "source": "map_builder node (live)", "position_source": self.position_source,
                 "keyframe_distance": self.keyframe_distance, "keyframe_interval_s": self.keyframe_interval_s,
                 "loop_closures": len(self.loop_closures)}}
-            write_map(self.map_path, keyframes, index, self._ckpt, self._fingerprint, self.datum,
-                      extra=extra, overwrite=True)
+            how = "in full"
+            if incremental:
+                try:
+                    self._append_locked(keyframes, descriptors, extra)
+                    how = f"appended {n - m}"
+                    self._appended = True
+                except MapError as exc:  # e.g. the directory was changed behind our back
+                    self.get_logger().warning(f"incremental map flush failed ({exc}): rewriting the map")
+                    self._appender = None
+                    with self._lock:
+                        keyframes = self.keyframes[:n]
+                        index = faiss.IndexFlatIP(self.detector.index.d)
+                        index.add(self.detector.index.reconstruct_n(0, n))
+                    incremental = False
+            if not incremental:
+                write_map(self.map_path, keyframes, index, self._ckpt, self._fingerprint, self.datum,
+                          extra=extra, overwrite=True)
+                self._written_fingerprint = self._fingerprint
+                self._appended = False
             self._flushed_count = n
             self.flushes += 1
-            self.get_logger().info(f"map flushed: {n} keyframes -> {self.map_path} "
+            self.get_logger().info(f"map flushed ({how}): {n} keyframes -> {self.map_path} "
                                    f"({1e3 * (time.perf_counter() - t0):.0f} ms)")
             return self.map_path
+
+    def _append_locked(self, keyframes: List[Keyframe], descriptors: np.ndarray, extra: Dict) -> None:
+        """Append keyframes ``m..n-1`` and their ``(n-m, D)`` float32 descriptors to the map on
+        disk (under the flush lock). Raises MapError (also FingerprintMismatchError)."""
+        if self._appender is None:
+            self._appender = MapAppender(self.map_path, self._fingerprint)
+        try:
+            self._appender.append(keyframes, descriptors, extra)
+        except ValueError as exc:  # ids / shapes that do not continue the map on disk
+            raise MapError(str(exc)) from exc
 
     def _release(self) -> None:
         """At teardown, once the worker stopped: write what is not on disk yet (errors are logged)."""
         try:
-            self._flush(finish_bootstrap=True)
+            self._flush(finish_bootstrap=True, full=True)
         except Exception as exc:  # noqa: BLE001
             self.get_logger().error(f"final map flush failed: {exc}")
 

@@ -21,10 +21,25 @@ directory is ever replaced: ``overwrite`` refuses any other file or folder
 (:func:`check_map_target`). Loading checks every file against the sizes and hashes in
 ``map.yaml`` and the keyframe count against the index, so a truncated or mixed-up map is one
 clear :class:`~vpr_localizer.errors.MapError`.
+
+A map can also grow in place (:class:`vpr_localizer.mapping.append.MapAppender`, the live
+``map_builder`` node's periodic flushes): new keyframes are appended to ``keyframes.sqlite`` and
+their descriptors to ``descriptors_tail.f32`` (raw float32 rows after the ``index.faiss`` ones),
+and ``map.yaml`` is replaced last. Such files have ``files`` entries that cover a prefix only:
+
+``{rows: N, rows_sha256: H}``
+    ``keyframes.sqlite`` holds the map's keyframes as its rows with ids ``0..N-1``; ``H`` is
+    :func:`rows_sha256` of those rows. Rows with larger ids (an interrupted append) are ignored.
+``{bytes: B, sha256: H, append: true}``
+    the map is the first ``B`` bytes of the file (SHA-256 ``H``); the file may be longer.
+
+so that the directory is a complete map at every instant: the previous ``map.yaml`` still
+describes the previous keyframes while the files grow.
 """
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import logging
 import math
 import os
@@ -48,6 +63,8 @@ MAP_YAML = "map.yaml"
 KEYFRAMES_DB = "keyframes.sqlite"
 INDEX_FILE = "index.faiss"
 ENCODER_FILE = "encoder.pt"
+TAIL_FILE = "descriptors_tail.f32"   # descriptors appended after index.faiss (raw float32 rows)
+SQLITE_TIMEOUT_S = 10.0              # wait for a writer's lock on keyframes.sqlite
 
 LOG = logging.getLogger(__name__)
 
@@ -107,22 +124,119 @@ def _write_keyframes(path: str, keyframes: Sequence[Keyframe]) -> None:
         con.close()
 
 
-def _read_keyframes(path: str) -> List[Keyframe]:
+_TEXT_COLUMNS = ("image_path", "place_id", "sequence", "condition")
+
+
+def rows_sha256(rows, h=None):
+    """Content hash of keyframe rows as ``SELECT <columns> ... ORDER BY id`` returns them.
+
+    Args:
+        rows: tuples of the :class:`Keyframe` columns, in id order.
+        h: a running ``hashlib.sha256`` object to update (the rows continue those it has seen),
+            or None for a new one.
+
+    Returns:
+        The updated hash object (``.hexdigest()`` is the ``rows_sha256`` of ``map.yaml``).
+    """
+    h = hashlib.sha256() if h is None else h
+    for row in rows:
+        h.update(repr(tuple(row)).encode("utf-8") + b"\n")
+    return h
+
+
+def _rollback_hot_journal(path: str) -> bool:
+    """Roll back what a writer killed inside a transaction left in ``path`` (a read-only SQLite
+    connection cannot): open it read-write once. Returns True when a journal was rolled back."""
+    if not os.path.exists(path + "-journal"):
+        return False
+    con = sqlite3.connect(path, timeout=SQLITE_TIMEOUT_S)
     try:
-        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        con.execute("SELECT count(*) FROM sqlite_master").fetchall()
+    finally:
+        con.close()
+    LOG.warning("%s: rolled back the transaction of an interrupted keyframe append", path)
+    return True
+
+
+def select_keyframe_rows(path: str, count: Optional[int] = None) -> List[Tuple]:
+    """Raw keyframe rows of ``keyframes.sqlite`` ``path`` in id order: all of them, or those with
+    ``id < count``.
+
+    A transaction left behind by a writer killed in the middle of an append (a hot journal) is
+    rolled back first (this needs write access to the map directory).
+
+    Raises:
+        MapError: not a readable keyframe database (names ``path``).
+    """
+    sql = f"SELECT {', '.join(_COLUMNS)} FROM keyframes" + (" WHERE id < ?" if count is not None else "") \
+        + " ORDER BY id"
+    args = (int(count),) if count is not None else ()
+    for attempt in (0, 1):
         try:
-            rows = con.execute(f"SELECT {', '.join(_COLUMNS)} FROM keyframes ORDER BY id").fetchall()
-        finally:
-            con.close()
-    except sqlite3.Error as exc:
-        raise MapError(f"{path}: cannot read keyframes ({exc})") from exc
+            con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=SQLITE_TIMEOUT_S)
+            try:
+                return con.execute(sql, args).fetchall()
+            finally:
+                con.close()
+        except sqlite3.Error as exc:
+            if attempt == 0 and isinstance(exc, sqlite3.OperationalError):
+                try:
+                    if _rollback_hot_journal(path):
+                        continue
+                except sqlite3.Error:
+                    pass
+            raise MapError(f"{path}: cannot read keyframes ({exc})") from exc
+    raise AssertionError("unreachable")
+
+
+def _keyframes_from_rows(rows) -> List[Keyframe]:
     out = []
     for row in rows:
-        vals = {c: (math.nan if v is None and c not in ("image_path", "place_id", "sequence", "condition")
-                    else ("" if v is None else v)) for c, v in zip(_COLUMNS, row)}
+        vals = {c: (math.nan if v is None and c not in _TEXT_COLUMNS else ("" if v is None else v))
+                for c, v in zip(_COLUMNS, row)}
         out.append(Keyframe(**vals))
     return out
 
+
+def _read_keyframes(path: str) -> List[Keyframe]:
+    return _keyframes_from_rows(select_keyframe_rows(path))
+
+
+def sha256_prefix(path: str, nbytes: int, h=None, chunk: int = 1 << 20):
+    """Running SHA-256 of the first ``nbytes`` bytes of file ``path`` (fewer if it is shorter).
+
+    Returns:
+        ``(hash object, bytes read)``; ``h`` is updated when given.
+    """
+    h = hashlib.sha256() if h is None else h
+    done = 0
+    with open(path, "rb") as f:
+        while done < nbytes:
+            block = f.read(min(chunk, nbytes - done))
+            if not block:
+                break
+            h.update(block)
+            done += len(block)
+    return h, done
+
+
+def entry_kind(info) -> Optional[str]:
+    """Kind of a ``files`` entry of ``map.yaml``: ``'file'`` (``bytes`` + ``sha256`` of the whole
+    file), ``'prefix'`` (the same plus ``append: true``: the first ``bytes`` bytes), ``'rows'``
+    (``rows`` + ``rows_sha256``: the keyframe rows with ids below ``rows``), or None when malformed."""
+    if not isinstance(info, dict):
+        return None
+    if "rows" in info:
+        ok = (isinstance(info.get("rows"), int) and not isinstance(info["rows"], bool) and info["rows"] >= 0
+              and isinstance(info.get("rows_sha256"), str))
+        return "rows" if ok else None
+    if not (isinstance(info.get("bytes"), int) and not isinstance(info["bytes"], bool) and info["bytes"] >= 0
+            and isinstance(info.get("sha256"), str)):
+        return None
+    append = info.get("append", False)
+    if not isinstance(append, bool):
+        return None
+    return "prefix" if append else "file"
 
 
 # --------------------------------------------------------------------------------------------
@@ -151,15 +265,19 @@ def is_map_dir(path: str) -> bool:
 
 
 def _is_complete_map(path: str) -> bool:
-    """A map directory holding every file its ``map.yaml`` lists, at the listed size (no hashes)."""
+    """A map directory holding every file its ``map.yaml`` lists, at the listed size (at least
+    that size for an appended file; no hashes)."""
     meta = _read_map_yaml(path)
     files = None if meta is None else meta.get("files")
     if not isinstance(files, dict) or not all(n in files for n in (KEYFRAMES_DB, INDEX_FILE, ENCODER_FILE)):
         return False
     for name, info in files.items():
         fp = confined_map_file(path, name)
-        if not (fp is not None and isinstance(info, dict) and os.path.isfile(fp)
-                and os.path.getsize(fp) == info.get("bytes")):
+        kind = entry_kind(info)
+        if fp is None or kind is None or not os.path.isfile(fp):
+            return False
+        size = os.path.getsize(fp)
+        if (kind == "file" and size != info["bytes"]) or (kind == "prefix" and size < info["bytes"]):
             return False
     return True
 
@@ -656,9 +774,14 @@ class VprMap:
                 :func:`datum_from_meta`; the message names ``map.yaml`` and the field), a
                 ``files`` entry that is not a plain file name inside the map directory
                 (:func:`confined_map_file`), a file whose size or
-                hash differs from ``map.yaml`` (truncated/corrupt), keyframe count !=
-                index size, or patch files that disagree with the ``patches`` section
-                (:meth:`MapPatches.load`).
+                hash differs from ``map.yaml`` (truncated/corrupt; for an appended file: shorter
+                than listed, or its listed prefix / keyframe rows differ), keyframe count !=
+                index size (``index.faiss`` plus the ``descriptors_tail.f32`` rows), or patch
+                files that disagree with the ``patches`` section (:meth:`MapPatches.load`).
+
+        A map that grew by appends (module doc) loads the keyframes with ids below the listed
+        ``rows`` and adds the listed prefix of ``descriptors_tail.f32`` to the index; an append
+        interrupted inside its SQLite transaction is rolled back (this needs write access).
         """
         import torch
 
@@ -695,25 +818,62 @@ class VprMap:
             if fp is None:
                 raise MapError(f"{meta_path}: 'files' entry {name!r} is not a plain file name inside the map "
                                f"directory (absolute paths, '..' and sub-paths are refused)")
-            if not (isinstance(info, dict) and isinstance(info.get("bytes"), int)
-                    and isinstance(info.get("sha256"), str)):
-                raise MapError(f"{meta_path}: corrupt entry for {name} in 'files' (needs bytes and sha256)")
+            kind = entry_kind(info)
+            if kind is None or (kind == "rows" and name != KEYFRAMES_DB):
+                raise MapError(f"{meta_path}: corrupt entry for {name} in 'files' (needs bytes and sha256, "
+                               f"optionally append: true; or rows and rows_sha256 for {KEYFRAMES_DB})")
             file_paths[name] = fp
+        tail = None
         for name, info in files.items():
             fp = file_paths[name]
             if not os.path.isfile(fp):
                 raise MapError(f"map {path} is incomplete: {name} is missing")
+            kind = entry_kind(info)
+            if kind == "rows":
+                continue  # checked below, on the rows read
             size = os.path.getsize(fp)
-            if size != info["bytes"]:
+            if size != info["bytes"] and not (kind == "prefix" and size > info["bytes"]):
                 raise MapError(f"map {path} is truncated or corrupt: {name} has {size} bytes, "
                                f"map.yaml says {info['bytes']}")
-            if verify_hashes and sha256_file(fp) != info["sha256"]:
+            if kind == "prefix" and name == TAIL_FILE:
+                with open(fp, "rb") as f:
+                    tail = f.read(info["bytes"])
+                if len(tail) != info["bytes"]:
+                    raise MapError(f"map {path} is truncated: {name} has fewer than {info['bytes']} bytes")
+                if verify_hashes and hashlib.sha256(tail).hexdigest() != info["sha256"]:
+                    raise MapError(f"map {path} is corrupt: {name} does not match its SHA-256 in map.yaml")
+            elif verify_hashes and (sha256_file(fp) if kind == "file"
+                                    else sha256_prefix(fp, info["bytes"])[0].hexdigest()) != info["sha256"]:
                 raise MapError(f"map {path} is corrupt: {name} does not match its SHA-256 in map.yaml")
         for name in (KEYFRAMES_DB, INDEX_FILE, ENCODER_FILE):
             if name not in files:
                 raise MapError(f"map {path} is incomplete: map.yaml lists no {name}")
-        keyframes = _read_keyframes(os.path.join(path, KEYFRAMES_DB))
+        db_entry = files[KEYFRAMES_DB]
+        if entry_kind(db_entry) == "rows":
+            rows = select_keyframe_rows(file_paths[KEYFRAMES_DB], db_entry["rows"])
+            if [r[0] for r in rows] != list(range(db_entry["rows"])):
+                raise MapError(f"map {path} is truncated or corrupt: {KEYFRAMES_DB} does not hold the keyframe "
+                               f"ids 0..{db_entry['rows'] - 1} that map.yaml lists")
+            if verify_hashes and rows_sha256(rows).hexdigest() != db_entry["rows_sha256"]:
+                raise MapError(f"map {path} is corrupt: the rows of {KEYFRAMES_DB} do not match their "
+                               f"SHA-256 in map.yaml")
+            keyframes = _keyframes_from_rows(rows)
+        else:
+            keyframes = _read_keyframes(file_paths[KEYFRAMES_DB])
         index = load_index(os.path.join(path, INDEX_FILE))
+        if TAIL_FILE in files:
+            if tail is None:
+                raise MapError(f"{meta_path}: the 'files' entry of {TAIL_FILE} needs append: true")
+            row_bytes = 4 * int(index.d)
+            if len(tail) % row_bytes:
+                raise MapError(f"map {path} is corrupt: {TAIL_FILE} holds {len(tail)} bytes, not whole "
+                               f"{index.d}-D float32 descriptors")
+            if tail:
+                try:
+                    index.add(np.frombuffer(tail, dtype=np.float32).reshape(-1, int(index.d)))
+                except RuntimeError as exc:
+                    raise MapError(f"map {path}: cannot add the {TAIL_FILE} descriptors to the index "
+                                   f"({exc})") from exc
         if index.ntotal != len(keyframes):
             raise MapError(f"map {path} is inconsistent: {len(keyframes)} keyframes but "
                            f"{index.ntotal} descriptors in the index")
