@@ -508,6 +508,9 @@ class MapBuilderNode(WorkerNode):
 
     def _process(self, item) -> None:
         seq, msg = item
+        anomaly = self.check_stamp(msg.header)
+        if anomaly in ("duplicate", "out_of_order"):  # a late frame would break keyframe timing and loop ages
+            raise ValueError(f"frame stamp is {anomaly.replace('_', ' ')}: not mapped")
         rgb = image_msg_to_rgb(msg)
         stamp = stamp_to_sec(msg.header.stamp)
         pos = None

@@ -21,6 +21,56 @@ LOG = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
+#: Largest image decoded, in pixels (width * height): 50 megapixels, about 150 MB as RGB.
+#: Larger images (e.g. a decompression-bomb PNG that compresses a 30000 x 30000 image into
+#: 1 MB) raise :class:`ImageLoadError` before any pixel is decoded; larger JPEGs are first
+#: downscaled on decode by up to 8.
+MAX_IMAGE_PIXELS = 50_000_000
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def pil_to_rgb(im: Image.Image, what: str = "image") -> np.ndarray:
+    """Decode an opened (not yet loaded) Pillow image into RGB, refusing oversized images.
+
+    A JPEG larger than :data:`MAX_IMAGE_PIXELS` is downscaled by 2, 4 or 8 while decoding
+    (Pillow ``draft``, cheap); any other image (or a JPEG still too large) is refused before
+    its pixels are decoded. 16-bit greyscale (Pillow modes ``I;16``, ``I;16B``, ...) is scaled
+    to 8 bit by ``v >> 8``, 32-bit integer greyscale (mode ``I``, how some Pillow versions and
+    formats give 16-bit data) by clipping to 0..65535 and ``v >> 8``; 16-bit RGB(A) and
+    greyscale+alpha PNGs are already reduced to 8 bit by Pillow. Alpha is dropped.
+
+    Args:
+        im: an image from ``Image.open``.
+        what: the file or message named in errors.
+
+    Returns:
+        ``uint8`` array ``(H, W, 3)``, RGB, H and W in pixels.
+
+    Raises:
+        ImageLoadError: more than :data:`MAX_IMAGE_PIXELS` pixels.
+        OSError, SyntaxError, ValueError: from Pillow, for truncated or corrupt data (the
+            callers turn them into :class:`ImageLoadError`).
+    """
+    w, h = im.size
+    if w * h > MAX_IMAGE_PIXELS and im.format == "JPEG":
+        for s in (2, 4, 8):
+            if -(-w // s) * -(-h // s) <= MAX_IMAGE_PIXELS:
+                im.draft(None, (max(1, w // s), max(1, h // s)))
+                break
+    w, h = im.size
+    if w * h > MAX_IMAGE_PIXELS:
+        raise ImageLoadError(f"{what}: image too large ({w} x {h} = {w * h / 1e6:.1f} megapixels; "
+                             f"limit {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels)")
+    im.load()  # forces a full decode: truncated data raises here
+    if im.mode in _SIXTEEN_BIT_MODES or im.mode == "I":
+        grey = np.asarray(im)
+        if im.mode == "I":
+            grey = np.clip(grey, 0, 65535)
+        grey = (grey.astype(np.uint32) >> 8).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
+    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
 
 def load_image(path: str | os.PathLike) -> np.ndarray:
     """Decode an image file fully into RGB.
@@ -31,9 +81,12 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
     Returns:
         ``uint8`` array ``(H, W, 3)``, RGB.
 
+    Large JPEGs are downscaled by 2, 4 or 8 while decoding (Pillow ``draft``) to fit
+    :data:`MAX_IMAGE_PIXELS`; 16-bit greyscale is scaled to 8 bit (see :func:`pil_to_rgb`).
+
     Raises:
-        ImageLoadError: the file is missing, zero bytes, truncated or not an image. The
-            message names the file.
+        ImageLoadError: the file is missing, zero bytes, truncated or not an image, or has more
+            than :data:`MAX_IMAGE_PIXELS` pixels (decompression bomb). The message names the file.
     """
     path = os.fspath(path)
     try:
@@ -44,13 +97,13 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
         raise ImageLoadError(f"{path}: empty file (0 bytes)")
     try:
         with Image.open(path) as im:
-            im.load()  # forces a full decode: a truncated file raises here
-            rgb = im.convert("RGB")
+            arr = pil_to_rgb(im, path)  # full decode: a truncated file raises here
     except UnidentifiedImageError as exc:
         raise ImageLoadError(f"{path}: not a decodable image") from exc
+    except Image.DecompressionBombError as exc:
+        raise ImageLoadError(f"{path}: image too large ({exc})") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageLoadError(f"{path}: corrupt or truncated image ({exc})") from exc
-    arr = np.asarray(rgb, dtype=np.uint8)
     if arr.ndim != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
         raise ImageLoadError(f"{path}: image has zero size")
     return arr

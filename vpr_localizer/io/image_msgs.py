@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from vpr_localizer.errors import ImageLoadError
-from vpr_localizer.io.image_files import validate_rgb
+from vpr_localizer.io.image_files import pil_to_rgb, validate_rgb
 
 __all__ = [
     "SUPPORTED_DECODE_ENCODINGS", "SUPPORTED_ENCODE_ENCODINGS", "DESCRIPTOR_ENCODING",
@@ -291,9 +291,13 @@ def compressed_to_rgb(format: str, data: BufferLike) -> np.ndarray:  # noqa: A00
     Returns:
         ``uint8`` ``(H, W, 3)``, RGB.
 
+    Large JPEGs are downscaled on decode and 16-bit greyscale PNGs are scaled to 8 bit
+    (:func:`vpr_localizer.io.image_files.pil_to_rgb`).
+
     Raises:
-        ImageLoadError: empty data, ``compressedDepth`` format, or data that is not a
-            decodable (complete) image.
+        ImageLoadError: empty data, ``compressedDepth`` format, data that is not a
+            decodable (complete) image, or an image of more than
+            :data:`vpr_localizer.io.image_files.MAX_IMAGE_PIXELS` pixels (decompression bomb).
     """
     fmt = str(format)
     if "compresseddepth" in fmt.lower():
@@ -301,17 +305,16 @@ def compressed_to_rgb(format: str, data: BufferLike) -> np.ndarray:  # noqa: A00
     raw = _as_bytes_array(data, "data").tobytes()
     if not raw:
         raise ImageLoadError(f"compressed image ({fmt or 'no format'}) has empty data (0 bytes)")
+    what = f"compressed image ({fmt or 'no format'}, {len(raw)} bytes)"
     try:
         with Image.open(io.BytesIO(raw)) as im:
-            im.load()  # full decode: truncated data raises here
-            rgb = im.convert("RGB")
+            arr = pil_to_rgb(im, what)  # full decode: truncated data raises here
     except UnidentifiedImageError as exc:
-        raise ImageLoadError(f"compressed image ({fmt or 'no format'}, {len(raw)} bytes) is not a "
-                             "decodable image") from exc
+        raise ImageLoadError(f"{what} is not a decodable image") from exc
+    except Image.DecompressionBombError as exc:
+        raise ImageLoadError(f"{what}: image too large ({exc})") from exc
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageLoadError(f"compressed image ({fmt or 'no format'}, {len(raw)} bytes) is corrupt "
-                             f"or truncated ({exc})") from exc
-    arr = np.asarray(rgb, dtype=np.uint8)
+        raise ImageLoadError(f"{what} is corrupt or truncated ({exc})") from exc
     if arr.ndim != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
         raise ImageLoadError(f"compressed image ({fmt or 'no format'}) has zero size")
     return arr

@@ -14,6 +14,7 @@ Loaders build record lists from the three layouts ``build-map`` accepts:
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import os
 import re
@@ -23,7 +24,14 @@ from typing import Iterable, List, Optional, Sequence
 from vpr_localizer.errors import DatasetError
 from vpr_localizer.io.image_files import IMAGE_EXTENSIONS, read_exif_gps
 
+LOG = logging.getLogger(__name__)
+
 _NUM_RE = re.compile(r"(\d+)")
+
+#: Largest accepted |altitude|, metres (WGS84 ellipsoid height; beyond 100 km is not a camera).
+MAX_ABS_ALT_M = 1e5
+#: Largest accepted |x|, |y|, |z| of a local metric position, metres (10,000 km).
+MAX_ABS_LOCAL_M = 1e7
 
 
 @dataclass
@@ -67,6 +75,28 @@ class ImageRecord:
         return self.x is not None and self.y is not None
 
 
+def record_problem(rec: ImageRecord) -> Optional[str]:
+    """Why a record's ground truth cannot be used, or None when it is sane.
+
+    A record is refused when lat (degrees) is non-finite or ``|lat| > 90``, lon (degrees)
+    non-finite or ``|lon| > 180``, alt (metres) non-finite or ``|alt| >`` :data:`MAX_ABS_ALT_M`,
+    x/y/z (metres) non-finite or ``|v| >`` :data:`MAX_ABS_LOCAL_M`, or yaw (radians) / stamp
+    (seconds) non-finite. Missing (None) values are fine.
+    """
+    def bad(v, limit):
+        return v is not None and (not math.isfinite(v) or (limit is not None and abs(v) > limit))
+
+    checks = (("lat", rec.lat, 90.0, "degrees"), ("lon", rec.lon, 180.0, "degrees"),
+              ("alt", rec.alt, MAX_ABS_ALT_M, "m"), ("x", rec.x, MAX_ABS_LOCAL_M, "m"),
+              ("y", rec.y, MAX_ABS_LOCAL_M, "m"), ("z", rec.z, MAX_ABS_LOCAL_M, "m"),
+              ("yaw", rec.yaw, None, "rad"), ("stamp", rec.stamp, None, "s"))
+    for key, v, limit, unit in checks:
+        if bad(v, limit):
+            rng = "finite" if limit is None else f"finite with |{key}| <= {limit:g} {unit}"
+            return f"{key} = {v!r} is not {rng}"
+    return None
+
+
 def natural_key(name: str):
     """Sort key that orders ``2.jpg`` before ``10.jpg``."""
     return [int(t) if t.isdigit() else t.lower() for t in _NUM_RE.split(name)]
@@ -106,11 +136,17 @@ def records_from_folder(folder: str, gps: str = "auto") -> List[ImageRecord]:
         gps: ``exif`` (every image must have EXIF GPS), ``none`` (frame index only), or
             ``auto`` (read EXIF GPS where present).
 
+    An image whose EXIF GPS is out of range (``|lat| > 90``, ``|lon| > 180`` degrees,
+    ``|alt| >`` :data:`MAX_ABS_ALT_M` metres; see :func:`record_problem`) is skipped with a
+    warning naming the image file.
+
     Raises:
-        DatasetError: missing folder, no images, or ``exif`` requested and an image lacks GPS.
+        DatasetError: missing folder, no images, ``exif`` requested and an image lacks GPS, or
+            every image skipped for bad GPS.
     """
     folder = os.path.abspath(folder)
     out = []
+    skipped = 0
     for name in list_images(folder):
         path = os.path.join(folder, name)
         rec = ImageRecord(path=path, name=name, frame=frame_from_name(name))
@@ -120,7 +156,14 @@ def records_from_folder(folder: str, gps: str = "auto") -> List[ImageRecord]:
                 raise DatasetError(f"{path}: no GPS position in EXIF")
             if fix is not None:
                 rec.lat, rec.lon, rec.alt = fix
+                problem = record_problem(rec)
+                if problem is not None:
+                    LOG.warning("skipping image %s: EXIF GPS %s", path, problem)
+                    skipped += 1
+                    continue
         out.append(rec)
+    if not out:
+        raise DatasetError(f"{folder}: all {skipped} images skipped (EXIF GPS out of range)")
     return out
 
 
@@ -137,9 +180,14 @@ def records_from_csv(csv_path: str, folder: Optional[str] = None) -> List[ImageR
     ``sequence``, ``frame``, ``stamp``. Image paths are relative to ``folder`` (default: the
     CSV's directory).
 
+    A row with a non-finite or out-of-range value (``|lat| > 90``, ``|lon| > 180`` degrees,
+    ``|alt| >`` :data:`MAX_ABS_ALT_M` metres, ``|x|``, ``|y|``, ``|z| >``
+    :data:`MAX_ABS_LOCAL_M` metres, non-finite heading/yaw/stamp/frame; see
+    :func:`record_problem`) is skipped with a warning naming the CSV file and line.
+
     Raises:
-        DatasetError: missing file, no image column, a row with a missing image file, or a
-            non-numeric coordinate (the message gives the CSV line).
+        DatasetError: missing file, no image column, a row with a missing image file, a
+            non-numeric coordinate (the message gives the CSV line), or no usable row.
     """
     if not os.path.isfile(csv_path):
         raise DatasetError(f"CSV not found: {csv_path}")
@@ -157,6 +205,7 @@ def records_from_csv(csv_path: str, folder: Optional[str] = None) -> List[ImageR
             return row.get(cols[key]) if key in cols else None
 
         out = []
+        skipped = 0
         for line, row in enumerate(reader, start=2):
             name = (row.get(img_col) or "").strip()
             if not name:
@@ -171,16 +220,24 @@ def records_from_csv(csv_path: str, folder: Optional[str] = None) -> List[ImageR
                 rec.yaw = yaw if yaw is not None else (
                     None if heading is None else math.radians(90.0 - heading))
                 frame = _f(get(row, "frame"))
-                rec.frame = int(frame) if frame is not None else rec.frame
                 rec.stamp = _f(get(row, "stamp"))
             except ValueError as exc:
                 raise DatasetError(f"{csv_path}:{line}: {exc}") from exc
+            problem = record_problem(rec)
+            if problem is None and frame is not None and not math.isfinite(frame):
+                problem = f"frame = {frame!r} is not finite"
+            if problem is not None:
+                LOG.warning("skipping %s:%d (%s): %s", csv_path, line, name, problem)
+                skipped += 1
+                continue
+            rec.frame = int(frame) if frame is not None else rec.frame
             for key in ("place_id", "condition", "sequence"):
                 v = get(row, key)
                 setattr(rec, key, v.strip() if v is not None and v.strip() != "" else None)
             out.append(rec)
     if not out:
-        raise DatasetError(f"{csv_path}: no rows")
+        raise DatasetError(f"{csv_path}: no rows" if not skipped else
+                           f"{csv_path}: all {skipped} rows skipped (non-finite or out-of-range coordinates)")
     return out
 
 

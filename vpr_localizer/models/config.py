@@ -4,6 +4,38 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Dict, Optional, Tuple
 
+from vpr_localizer.errors import ConfigError
+
+#: Smallest and largest side, in pixels, of a network input (``image_size``,
+#: ``segmentation_size``): below 16 px VGG16's conv5 grid is empty; above 4096 px one image
+#: needs tens of GB of activations (``--image-size 100000 100000`` ran until the kernel killed it).
+MIN_INPUT_SIDE = 16
+MAX_INPUT_SIDE = 4096
+
+
+def validate_input_size(name: str, size) -> Tuple[int, int]:
+    """Check a network input size (width, height), pixels.
+
+    Returns:
+        ``(width, height)`` as ints.
+
+    Raises:
+        ConfigError: not two integers, or a side outside
+            :data:`MIN_INPUT_SIDE` .. :data:`MAX_INPUT_SIDE` pixels.
+    """
+    try:
+        vals = [v for v in size]
+        ok = len(vals) == 2 and all(not isinstance(v, bool) and float(v) == int(v) for v in vals)
+    except (TypeError, ValueError, OverflowError):
+        ok = False
+    if not ok:
+        raise ConfigError(f"{name} must be two integers (width, height) in pixels, got {size!r}")
+    w, h = (int(v) for v in vals)
+    if not all(MIN_INPUT_SIDE <= v <= MAX_INPUT_SIDE for v in (w, h)):
+        raise ConfigError(f"{name} must have each side in {MIN_INPUT_SIDE}..{MAX_INPUT_SIDE} pixels, "
+                          f"got {w} x {h}")
+    return w, h
+
 
 @dataclass
 class EncoderConfig:
@@ -40,6 +72,9 @@ class EncoderConfig:
             (``espnetv2`` | ``espnet`` | ``panoptic_deeplab``; ``none`` = no guidance possible).
         segmentation_weights: that backend's weight file.
         segmentation_size: the backend's network input (width, height) in pixels.
+
+    ``image_size`` and ``segmentation_size`` are checked on construction: each side must be
+    :data:`MIN_INPUT_SIDE` .. :data:`MAX_INPUT_SIDE` pixels, else :class:`ConfigError`.
     """
 
     backbone: str = "vgg16"
@@ -64,6 +99,10 @@ class EncoderConfig:
     segmentation_weights: Optional[str] = None
     segmentation_size: Tuple[int, int] = (512, 256)
 
+    def __post_init__(self):
+        validate_input_size("image_size", self.image_size)
+        validate_input_size("segmentation_size", self.segmentation_size)
+
     @property
     def guided(self) -> bool:
         """True when NetVLAD gets any segmentation/attention guidance (:mod:`vpr_localizer.models.guided`)."""
@@ -76,7 +115,12 @@ class EncoderConfig:
 
     @classmethod
     def from_dict(cls, d: Dict) -> "EncoderConfig":
-        """Build from a mapping, rejecting unknown keys (typos in YAML are errors)."""
+        """Build from a mapping, rejecting unknown keys (typos in YAML are errors).
+
+        Raises:
+            ValueError: unknown keys or non-numeric sizes.
+            ConfigError: (a ValueError) an input size out of range (see :func:`validate_input_size`).
+        """
         known = set(cls.__dataclass_fields__)
         unknown = set(d) - known
         if unknown:
