@@ -1,6 +1,8 @@
 """``vpr-localizer``: one command line with subcommands.
 
 build-map   images (EXIF GPS | CSV | frame index) -> map directory
+map-export  map directory -> Milvus / milvus-lite collection
+export      a map's encoder -> ONNX (+ sidecar JSON), optionally int8
 localize    offline batch localisation of an image folder against a map -> CSV / JSON
 evaluate    recall@N, errors, baselines and plots for a scenario or two image sets
 demo        every real-data scenario, then the results table
@@ -42,8 +44,20 @@ def _cmd_localize(args) -> int:
     if rerank and args.sequence:
         raise ConfigError("--rerank and --sequence cannot be combined (re-ranking is single-frame)")
     vmap = VprMap.load(args.map)
-    encoder = encoder_for_map(vmap, weights=args.weights, device=args.device or "auto",
-                              checkpoint=args.checkpoint)
+    if getattr(args, "runtime", "torch") == "onnxruntime":
+        from vpr_localizer.models.onnx_runtime import OnnxEncoder
+
+        if not args.onnx:
+            raise ConfigError("--runtime onnxruntime needs --onnx FILE (written by 'vpr-localizer export')")
+        if rerank:
+            raise ConfigError("--rerank needs backbone features: use --runtime torch")
+        encoder = OnnxEncoder(args.onnx, device=args.device or "auto")
+        encoder.check_map(vmap)  # FingerprintMismatchError: exported from another map's encoder
+    else:
+        if getattr(args, "onnx", None):
+            raise ConfigError("--onnx only applies with --runtime onnxruntime")
+        encoder = encoder_for_map(vmap, weights=args.weights, device=args.device or "auto",
+                                  checkpoint=args.checkpoint)
     lcfg = dict(load_params(args.params).get("localizer", {})) if args.params else {}
     if args.top_k:
         lcfg["top_k"] = args.top_k
@@ -304,6 +318,8 @@ def _cmd_run(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from vpr_localizer.cli.build_map import add_build_map_parser
+    from vpr_localizer.cli.milvus import add_map_export_parser
+    from vpr_localizer.cli.export import add_export_parser
 
     from vpr_localizer.evaluation.scenarios import SCENARIOS
 
@@ -313,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     add_build_map_parser(sub)
+    add_map_export_parser(sub)
+    add_export_parser(sub)
 
     q = sub.add_parser("localize", help="localise a folder of images against a map")
     q.add_argument("--map", required=True)
@@ -325,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--params", help="ROS parameter YAML; its 'localizer' section sets the pose estimator")
     q.add_argument("--top-k", type=int)
     q.add_argument("--out", required=True, help="results .csv or .json")
+    q.add_argument("--runtime", default="torch", choices=["torch", "onnxruntime"],
+                   help="run the encoder in torch (default) or ONNX Runtime (needs --onnx)")
+    q.add_argument("--onnx", help="ONNX encoder file from 'vpr-localizer export' (with --runtime onnxruntime)")
     add_sequence_args(q, many=False)
     add_rerank_args(q, many=False)
     q.add_argument("--patch-sizes", nargs="+", type=int, metavar="P",
