@@ -38,7 +38,8 @@ Publishes (reliable QoS, header copied from the camera image):
     (plain encoder, or segmentation stream only) it is the per-location L2 norm of the backbone
     features, min-max normalised and colour-mapped the same way (:func:`attention_heatmap`);
     ``diagnostics`` (diagnostic_msgs/DiagnosticArray): decode / labels wait / encode / publish ms,
-    received, dropped and error counts, the guidance flags (``guided``, ``static_mask``,
+    received, dropped and error counts, the ``runtime`` (``torch`` | ``onnxruntime``; with
+    onnxruntime also ``onnx_precision`` and ``onnx_provider``), the guidance flags (``guided``, ``static_mask``,
     ``seg_stream``, ``attention``, ``needs_labels``), frames with / without synchronised labels,
     and frames encoded with topic labels vs the encoder's own segmentation.
 Parameters (:class:`AttentionParams`, ``config/lund_graph.yaml``): ``map_path`` (required),
@@ -46,10 +47,23 @@ Parameters (:class:`AttentionParams`, ``config/lund_graph.yaml``): ``map_path`` 
 (segmentation backend weight file of a guided map; ``""`` = the one recorded in map.yaml),
 ``device``, ``compressed``, ``use_labels``, ``labels_wait_s``, ``publish_patch_descriptors``,
 ``publish_patch_netvlad``, ``publish_attention``, ``queue_depth`` (frames kept waiting, default 1 =
-newest only).
+newest only), ``runtime`` (``torch`` | ``onnxruntime``), ``onnx_path``.
+
+Runtimes:
+    * ``torch`` (default): the encoder rebuilt from the map, as above;
+    * ``onnxruntime``: the map's encoder exported with ``vpr-localizer export --map MAP --out
+      FILE.onnx`` (:class:`~vpr_localizer.models.onnx_runtime.OnnxEncoder`, ``onnx_path``; its
+      execution providers follow ``device``), checked against the map's fingerprint at start-up.
+      The graph outputs only the global descriptor, so whatever needs backbone features is
+      refused at start-up with a :class:`ConfigError` naming the parameter
+      (``publish_patch_descriptors``, ``publish_patch_netvlad``) or the runtime (a guided map);
+      ``publish_attention`` is switched off (one INFO line). ``weights`` and
+      ``segmentation_weights`` are not used; labels are only synchronised and counted.
 
 A map that cannot be loaded (or an encoder that does not fit it, e.g. other segmentation
-weights) is fatal: the constructor raises :class:`MapError` / :class:`WeightsError`. A bad camera
+weights, or with ``runtime: onnxruntime`` an ONNX file that is missing or was exported from another
+map's encoder) is fatal: the constructor raises :class:`MapError` / :class:`WeightsError` /
+:class:`FingerprintMismatchError` / :class:`ConfigError`. A bad camera
 message (unsupported encoding, size not matching the data, zero size, corrupt compressed data)
 is logged by the worker and dropped; the node keeps running. A bad label message is logged
 (throttled) and the frame is encoded with the encoder's own segmentation.
@@ -68,7 +82,7 @@ from PIL import Image as PILImage
 from sensor_msgs.msg import Image
 from std_msgs.msg import Header
 
-from vpr_localizer.errors import ImageLoadError, MapError
+from vpr_localizer.errors import ConfigError, ImageLoadError, MapError
 from vpr_localizer.models.guided import StreamFeatures
 from vpr_localizer.localization.localize import encoder_for_map
 from vpr_localizer.localization.rerank import query_patch_encoder
@@ -83,6 +97,7 @@ from vpr_ros.worker_node import WorkerNode
 NODE_NAME = "attention_node"
 LABELS_BUFFER = 16            # label messages kept for stamp matching (bounded, oldest evicted)
 LABELS_WARN_PERIOD_S = 5.0    # at most one "no labels" warning per this many seconds
+RUNTIMES = ("torch", "onnxruntime")
 
 
 def _jet_lut() -> np.ndarray:
@@ -167,7 +182,13 @@ class AttentionParams:
         publish_patch_descriptors: publish ``vpr/patch_descriptors`` (32FC1, N x C).
         publish_patch_netvlad: publish ``vpr/patch_netvlad`` (32FC1, R x D: the map's Patch-NetVLAD
             patches, for ``vpr_localizer``'s ``rerank.mode``); the map must store patches.
-        publish_attention: publish ``vpr/attention`` (rgb8, camera image size).
+        publish_attention: publish ``vpr/attention`` (rgb8, camera image size); switched off
+            (INFO log) with ``runtime: onnxruntime``.
+        runtime: ``torch`` (the encoder rebuilt from the map) | ``onnxruntime`` (the exported ONNX
+            encoder ``onnx_path``; no backbone features: no patch descriptors, no Patch-NetVLAD, no
+            attention image, no guided maps).
+        onnx_path: ONNX encoder file written by ``vpr-localizer export --map MAP`` (its sidecar
+            JSON beside it), required with ``runtime: onnxruntime``; "" = unset.
     """
 
     map_path: str = ""
@@ -180,12 +201,31 @@ class AttentionParams:
     publish_patch_descriptors: bool = False
     publish_patch_netvlad: bool = False
     publish_attention: bool = True
+    runtime: str = "torch"
+    onnx_path: Optional[str] = None
 
     def validate(self) -> None:
-        """Raises :class:`MapError` for an empty ``map_path``."""
+        """Raises :class:`MapError` for an empty ``map_path``; :class:`ConfigError` for an unknown
+        ``runtime``, ``runtime: onnxruntime`` without ``onnx_path`` or with a publication that needs
+        backbone features, and ``onnx_path`` with ``runtime: torch``."""
         if not self.map_path:
             raise MapError("parameter map_path is empty: set it to a map directory built with build-map "
                            "(the encoder is rebuilt from it)")
+        if self.runtime not in RUNTIMES:
+            raise ConfigError(f"parameter runtime must be one of {' | '.join(RUNTIMES)}, got {self.runtime!r}")
+        if self.runtime == "torch":
+            if self.onnx_path:
+                raise ConfigError("parameter onnx_path only applies with runtime: onnxruntime "
+                                  "(set onnx_path: \"\" or runtime: onnxruntime)")
+            return
+        if not self.onnx_path:
+            raise ConfigError("parameter onnx_path is empty: runtime onnxruntime needs the ONNX encoder file "
+                              "written by 'vpr-localizer export --map MAP --out FILE.onnx'")
+        for name in ("publish_patch_descriptors", "publish_patch_netvlad"):
+            if getattr(self, name):
+                raise ConfigError(f"parameter {name}: true needs backbone features, which runtime onnxruntime "
+                                  f"does not have (the ONNX graph outputs only the global descriptor): "
+                                  f"set {name}: false or runtime: torch")
 
 
 class AttentionNode(WorkerNode):
@@ -195,6 +235,10 @@ class AttentionNode(WorkerNode):
 
     def _setup(self) -> None:
         self.params = p = declare_params(self, AttentionParams)
+        self.runtime = p.runtime
+        if self.runtime == "onnxruntime":
+            self._setup_onnx(p)
+            return
         t0 = time.perf_counter()
         vmap = VprMap.load(p.map_path)
         self.encoder = encoder_for_map(vmap, weights=p.weights, device=p.device or "auto",
@@ -214,7 +258,65 @@ class AttentionNode(WorkerNode):
         self.needs_labels = bool(cfg.needs_labels)
         if self.needs_labels:
             _ = self.encoder.segmenter  # built now: bad weights are fatal here, not at the first frame
+        self._setup_io()
+        if not self.needs_labels:
+            labels_info = ", labels synchronised (not used by this encoder)" if self.use_labels else ""
+        elif self.use_labels:
+            labels_info = (f", labels from segmentation/labels (fallback: own {cfg.segmentation} segmentation "
+                           f"after {self.labels_wait_s:.2f} s)")
+        else:
+            labels_info = f", own {cfg.segmentation} segmentation"
+        self.get_logger().info(
+            f"encoder for map {self.map_path} ({self.map_keyframes} keyframes): {cfg.backbone}/{cfg.aggregator}"
+            f"{' guided ' + str(self.guidance_flags()) if cfg.guided else ''} "
+            f"at {cfg.image_size[0]}x{cfg.image_size[1]}, {self.encoder.dim}-D descriptors on "
+            f"{self.encoder.device}; input {'image/compressed' if self.compressed else 'image'}"
+            + (f"; Patch-NetVLAD patches {list(self.patch_layout.patch_sizes)} x {self.patch_layout.dim}-D "
+               f"({self.patch_layout.rows_per_keyframe} rows) on vpr/patch_netvlad" if self.patch_layout else "")
+            + f"{labels_info}; ready in {time.perf_counter() - t0:.2f} s")
 
+    def _setup_onnx(self, p: AttentionParams) -> None:
+        """``runtime: onnxruntime``: the exported encoder ``onnx_path``, checked against the map."""
+        from vpr_localizer.models.onnx_runtime import OnnxEncoder
+
+        t0 = time.perf_counter()
+        vmap = VprMap.load(p.map_path)
+        if vmap.fingerprint.get("guidance"):
+            raise ConfigError(f"parameter runtime: onnxruntime cannot run the guided (segmentation/attention) "
+                              f"encoder of map {vmap.path}: the ONNX export supports plain encoders only; "
+                              f"use runtime: torch")
+        # WeightsError: missing / corrupt file or sidecar; FingerprintMismatchError: another map's encoder
+        self.encoder = OnnxEncoder(p.onnx_path, device=p.device or "auto", batch_size=1)
+        self.encoder.check_map(vmap)
+        self.map_path = vmap.path
+        self.map_keyframes = len(vmap)
+        del vmap
+        log = self.get_logger()
+        for name in ("weights", "segmentation_weights"):
+            if getattr(p, name):
+                log.warning(f"parameter {name} is not used with runtime onnxruntime (the weights are in {p.onnx_path})")
+        if p.publish_attention:
+            log.info("publish_attention switched off: runtime onnxruntime has no backbone features for vpr/attention")
+        self.patch_encoder = self.patch_layout = None
+        self.compressed = p.compressed
+        self.use_labels = p.use_labels
+        self.labels_wait_s = max(0.0, p.labels_wait_s)
+        self.publish_patches = False
+        self.publish_attention = False
+        self.needs_labels = False  # a plain encoder (guided maps are refused above)
+        self._setup_io()
+        fp = self.encoder.fingerprint
+        w, h = self.encoder.image_size
+        log.info(
+            f"onnxruntime encoder {self.encoder.path} ({self.encoder.precision}) for map {self.map_path} "
+            f"({self.map_keyframes} keyframes): {fp.get('backbone')}/{fp.get('aggregator')} at {w}x{h}, "
+            f"{self.encoder.dim}-D descriptors on {', '.join(self.encoder.providers)}; input "
+            f"{'image/compressed' if self.compressed else 'image'}"
+            f"{', labels synchronised (not used by this encoder)' if self.use_labels else ''}; "
+            f"ready in {time.perf_counter() - t0:.2f} s")
+
+    def _setup_io(self) -> None:
+        """Counters, publishers, the worker and the subscriptions (both runtimes)."""
         self.label_buffer: StampBuffer[Image] = StampBuffer(LABELS_BUFFER)  # by stamp; the worker waits on it
         self.labelled_frames = 0        # camera frames with a synchronised label message
         self.unlabelled_frames = 0      # ... without one (use_labels only)
@@ -233,24 +335,16 @@ class AttentionNode(WorkerNode):
         if self.use_labels:
             sensor_subscription(self, Image, "segmentation/labels",
                                 lambda msg: self.label_buffer.put(stamp_key(msg.header.stamp), msg), depth=5)
-        if not self.needs_labels:
-            labels_info = ", labels synchronised (not used by this encoder)" if self.use_labels else ""
-        elif self.use_labels:
-            labels_info = (f", labels from segmentation/labels (fallback: own {cfg.segmentation} segmentation "
-                           f"after {self.labels_wait_s:.2f} s)")
-        else:
-            labels_info = f", own {cfg.segmentation} segmentation"
-        self.get_logger().info(
-            f"encoder for map {self.map_path} ({self.map_keyframes} keyframes): {cfg.backbone}/{cfg.aggregator}"
-            f"{' guided ' + str(self.guidance_flags()) if cfg.guided else ''} "
-            f"at {cfg.image_size[0]}x{cfg.image_size[1]}, {self.encoder.dim}-D descriptors on "
-            f"{self.encoder.device}; input {'image/compressed' if self.compressed else 'image'}"
-            + (f"; Patch-NetVLAD patches {list(self.patch_layout.patch_sizes)} x {self.patch_layout.dim}-D "
-               f"({self.patch_layout.rows_per_keyframe} rows) on vpr/patch_netvlad" if self.patch_layout else "")
-            + f"{labels_info}; ready in {time.perf_counter() - t0:.2f} s")
+
+    @property
+    def guided(self) -> bool:
+        """Whether the map's encoder is guided (always False with ``runtime: onnxruntime``)."""
+        return self.runtime == "torch" and bool(self.encoder.config.guided)
 
     def guidance_flags(self) -> dict:
         """The map encoder's segmentation/attention guidance (all False for a plain encoder)."""
+        if self.runtime != "torch":
+            return {"static_mask": False, "seg_stream": False, "attention": False}
         cfg = self.encoder.config
         return {"static_mask": bool(cfg.guided and cfg.static_mask), "seg_stream": bool(cfg.guided and cfg.seg_stream),
                 "attention": bool(cfg.guided and cfg.attention)}
@@ -280,7 +374,11 @@ class AttentionNode(WorkerNode):
         It is the encoder's own pass, :meth:`~vpr_localizer.models.encoder.Encoder.encode_batch`
         on a batch of one (labels None: the encoder segments the image itself if it needs
         labels). The features are those of that batch (``feats.image`` is ``(1, C, h, w)``).
+        With ``runtime: onnxruntime`` it is :meth:`OnnxEncoder.encode_images` of the one image
+        and the features are None (the graph outputs only the descriptor; labels are not used).
         """
+        if self.runtime != "torch":
+            return self.encoder.encode_images([rgb]), None
         out = self.encoder.encode_batch([rgb], None if labels is None else [labels])
         return out.descriptors, out.features
 
@@ -338,8 +436,10 @@ class AttentionNode(WorkerNode):
         values = {"decode_ms": 1e3 * (t1 - t0), "encode_ms": 1e3 * (t3 - t2),
                   "publish_ms": 1e3 * (t4 - t3 - t_patch),
                   "image_width": int(rgb.shape[1]), "image_height": int(rgb.shape[0]),
-                  "descriptor_dim": int(desc.shape[1]), "guided": bool(self.encoder.config.guided),
+                  "descriptor_dim": int(desc.shape[1]), "runtime": self.runtime, "guided": self.guided,
                   **self.guidance_flags(), "needs_labels": self.needs_labels}
+        if self.runtime == "onnxruntime":
+            values.update({"onnx_precision": self.encoder.precision, "onnx_provider": self.encoder.device})
         if self.pub_patch_netvlad is not None:
             values["patch_netvlad_ms"] = 1e3 * t_patch
         if self.use_labels:
