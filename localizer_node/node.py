@@ -21,6 +21,7 @@ Publishes:
     ``vpr/fix`` (sensor_msgs/NavSatFix, when the map has a geodetic datum),
     ``vpr/loop_closure`` (std_msgs/Float64MultiArray ``[query_stamp_s, match_stamp_s, score,
     keyframe_id]``, LIO-SAM layout, when the best score reaches ``loop_closure.score_threshold``),
+    ``vpr/loop_closure_robot`` (std_msgs/String JSON, see below: best match mapped by another robot),
     ``vpr/matches`` (visualization_msgs/MarkerArray: top-k keyframes coloured by rank, line from
     the estimate to the best keyframe -- the re-ranked best with re-ranking -- and, when
     re-ranking changed the first place, a grey cube on the global retrieval's best),
@@ -32,7 +33,32 @@ Parameters (:class:`LocalizerParams`, ``config/*.yaml``): ``map_path``, ``frame_
 (:class:`vpr_localizer.localization.tracking.TrackingConfig`; ``filter.enabled`` false = single-frame
 mode), ``rerank.*`` (:class:`RerankParams`), ``loop_closure.score_threshold``, ``queue_depth``,
 ``faiss_threads``, ``publish_tf`` (broadcast ``map`` -> ``tf_child_frame`` at the estimate; only
-where ``tf2_ros`` is importable, i.e. on a real ROS 2 install).
+where ``tf2_ros`` is importable, i.e. on a real ROS 2 install), ``index.*`` (:class:`IndexParams`),
+``robot_id``.
+
+Index backend (``index.backend``): ``faiss`` (the map's ``index.faiss``) or ``milvus``: at start-up
+the map's index is replaced by the Milvus collection ``index.collection`` at ``index.milvus_uri``
+(:class:`~vpr_localizer.mapping.milvus_index.MilvusIndex`; its encoder fingerprint must equal the
+map's, else :class:`~vpr_localizer.errors.FingerprintMismatchError` is fatal). Rows with ids beyond
+the map (keyframes other robots appended, e.g. ``map_builder`` with ``milvus_uri``) become extra
+keyframes of the node (position, GPS, stamp, robot id from the collection); the node re-reads the
+row count (``refresh``) before a search at most every ``index.refresh_s``, so keyframes appended
+while it runs are found. Appended keyframes are used by single-frame localisation; with
+``filter.enabled`` or re-ranking the candidates are limited to the map's own keyframes (the
+filter's state space and the patch store are fixed at start-up).
+
+Position prior (``index.prior_box_m`` > 0, a map with positions): once the node has an estimate,
+the next search is restricted to the box of half-size ``prior_box_m`` around it
+(:func:`~vpr_localizer.mapping.box_search.search_near`: a post-filter on FAISS, a scalar filter on
+Milvus; same result). When that box holds no candidate or its best score is below
+``loop_closure.score_threshold``, the frame is searched again without the box (relocalisation).
+Diagnostics count ``prior_searches`` (box searches run) and ``relocalisation_searches`` (of those,
+the ones that fell back to the full search).
+
+Multi-robot loop closures: when the retrieval's best keyframe reaches the loop-closure threshold
+and was mapped by another robot (its ``robot_id`` in the collection is not empty and differs from
+this node's ``robot_id``), it is also published on ``vpr/loop_closure_robot`` (std_msgs/String,
+JSON ``{"query_stamp": s, "keyframe_id": id, "robot_id": "...", "score": s}``).
 
 With the filter on, its observation is the first ``filter.top_k`` candidates of the retrieval
 (after re-ranking: of the re-ranked order) with their global cosines, exactly as the offline
@@ -47,6 +73,7 @@ a zero or negative stamp updates the filter without the time-gap check.
 """
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -56,14 +83,15 @@ import numpy as np
 from geometry_msgs.msg import Point, PoseWithCovarianceStamped
 from nav_msgs.msg import Odometry
 from sensor_msgs.msg import Image, NavSatFix, NavSatStatus
-from std_msgs.msg import ColorRGBA, Float64MultiArray, Header
+from std_msgs.msg import ColorRGBA, Float64MultiArray, Header, String
 from visualization_msgs.msg import Marker, MarkerArray
 
 from vpr_localizer.errors import ConfigError, ImageLoadError, MapError
 from vpr_localizer.localization.localize import Localizer, LocalizerConfig, check_unit_norm
 from vpr_localizer.localization.rerank import RerankConfig, merge_ranking
 from vpr_localizer.localization.tracking import FilteredLocalizer, OdometryTrack, TrackingConfig
-from vpr_localizer.mapping.store import VprMap
+from vpr_localizer.mapping.box_search import search_near
+from vpr_localizer.mapping.store import Keyframe, VprMap
 from vpr_ros.convert import msg_to_descriptor, stamp_to_sec
 from vpr_ros.params import declare_params
 from vpr_ros.qos import reliable_qos
@@ -75,6 +103,7 @@ NODE_NAME = "vpr_localizer"
 YAW_VARIANCE_UNKNOWN = 1e6  # rad^2: orientation is not estimated by retrieval
 PATCH_BUFFER = 8            # vpr/patch_netvlad messages kept by stamp (frames in flight)
 PATCH_WARN_PERIOD_S = 5.0   # throttle of the "no patches" warning
+INDEX_BACKENDS = ("faiss", "milvus")
 
 
 @dataclass
@@ -118,6 +147,41 @@ class RerankParams:
 
 
 @dataclass
+class IndexParams:
+    """``index.*`` parameters of the ``vpr_localizer`` node: index backend and position prior.
+
+    Attributes:
+        backend: ``faiss`` (the map's own index) | ``milvus`` (the collection ``collection`` at
+            ``milvus_uri`` replaces it at start-up; fingerprint checked).
+        milvus_uri: a milvus-lite file (``*.db``) or a server address (``http://host:19530``).
+        collection: the Milvus collection exported from the map (``vpr-localizer map-export``).
+        prior_box_m: half-size of the search box around the previous estimate, metres
+            (0 = off): retrieval only among keyframes inside it, the full map when it finds none
+            above ``loop_closure.score_threshold``.
+        refresh_s: re-read the collection's row count (keyframes appended by other robots) before
+            a search at most this often, seconds (0 = before every search; milvus only).
+    """
+
+    backend: str = "faiss"
+    milvus_uri: str = ""
+    collection: str = ""
+    prior_box_m: float = 0.0
+    refresh_s: float = 2.0
+
+    def validate(self) -> None:
+        """Raises :class:`ConfigError` for an unknown backend, milvus without uri / collection, or a
+        negative / non-finite ``prior_box_m`` or ``refresh_s``."""
+        if self.backend.lower() not in INDEX_BACKENDS:
+            raise ConfigError(f"index.backend must be one of {', '.join(INDEX_BACKENDS)}, got {self.backend!r}")
+        if self.backend.lower() == "milvus" and not (self.milvus_uri and self.collection):
+            raise ConfigError("index.backend milvus needs index.milvus_uri and index.collection")
+        for name in ("prior_box_m", "refresh_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"index.{name} must be a finite number >= 0, got {value}")
+
+
+@dataclass
 class LocalizerParams:
     """Parameters of the ``vpr_localizer`` node (:func:`vpr_ros.params.declare_params`).
 
@@ -133,6 +197,9 @@ class LocalizerParams:
         filter: ``filter.*`` (:class:`~vpr_localizer.localization.tracking.TrackingConfig`):
             sequence localisation over the keyframes; ``filter.enabled`` false = single-frame.
         rerank: ``rerank.*`` (:class:`RerankParams`): Patch-NetVLAD re-ranking.
+        index: ``index.*`` (:class:`IndexParams`): FAISS or Milvus backend, position prior box.
+        robot_id: this robot's id: a best match on a keyframe another robot mapped (collection
+            ``robot_id`` not empty and different) is also published on ``vpr/loop_closure_robot``.
     """
 
     map_path: str = ""
@@ -144,11 +211,14 @@ class LocalizerParams:
     localizer: LocalizerConfig = field(default_factory=LocalizerConfig)
     filter: TrackingConfig = field(default_factory=TrackingConfig)
     rerank: RerankParams = field(default_factory=RerankParams)
+    index: IndexParams = field(default_factory=IndexParams)
+    robot_id: str = ""
 
     def validate(self) -> None:
-        """Raises :class:`MapError` for an empty ``map_path``."""
+        """Raises :class:`MapError` for an empty ``map_path``, :class:`ConfigError` for bad ``index.*``."""
         if not self.map_path:
             raise MapError("parameter map_path is empty: set it to a map directory built with build-map")
+        self.index.validate()
 
 
 class LocalizerNode(WorkerNode):
@@ -160,6 +230,19 @@ class LocalizerNode(WorkerNode):
         self.params = p = declare_params(self, LocalizerParams)
         t0 = time.perf_counter()
         self.map = VprMap.load(p.map_path)
+        self.map_size = len(self.map)  # keyframes of the map directory (the filter's / patch store's range)
+        self.kf_robot = [""] * self.map_size  # robot_id of every keyframe ('' = unknown, faiss)
+        self.milvus = None
+        if p.index.backend.lower() == "milvus":
+            self._open_milvus(p.index)  # FingerprintMismatchError / MapError: fatal
+        self.robot_id = p.robot_id
+        self.prior_box_m = p.index.prior_box_m
+        self.refresh_s = p.index.refresh_s
+        self.prior = None  # (x, y) of the previous estimate, metres
+        self.prior_searches = self.relocalisation_searches = 0
+        self.positions = self.map.positions  # (N, 3), grows with appended keyframes
+        self.has_positions = self.map.has_positions  # of the map directory's keyframes (appended ones may lack one)
+        self.usable = np.ones(len(self.map), bool)  # appended keyframes without a position are not
         self.faiss_threads = max(1, p.faiss_threads)
         self.localizer = Localizer(self.map, p.localizer)
         rcfg = p.rerank.config()
@@ -176,12 +259,20 @@ class LocalizerNode(WorkerNode):
             if self.map.has_positions:
                 self.odometry = OdometryTrack(p.filter.odom_max_age_s)
             self.tracker = FilteredLocalizer(self.localizer, p.filter, odometry=self.odometry)
+        if self.prior_box_m > 0 and not self.map.has_positions:
+            self.get_logger().warning("index.prior_box_m is set but the map has no keyframe positions: "
+                                      "no prior box")
+            self.prior_box_m = 0.0
+        self._last_refresh = time.monotonic()
+        if self.milvus is not None:
+            self._load_new_keyframes()  # rows other robots appended before this start
         self.frame_id = p.frame_id
         self.loop_threshold = p.loop_closure.score_threshold
         self.dim = int(self.map.index.d)
         self.pub_pose = self.create_publisher(PoseWithCovarianceStamped, "vpr/pose", reliable_qos())
         self.pub_fix = self.create_publisher(NavSatFix, "vpr/fix", reliable_qos()) if self.map.datum else None
         self.pub_loop = self.create_publisher(Float64MultiArray, "vpr/loop_closure", reliable_qos())
+        self.pub_loop_robot = self.create_publisher(String, "vpr/loop_closure_robot", reliable_qos())
         self.pub_markers = self.create_publisher(MarkerArray, "vpr/matches", reliable_qos())
         self.create_subscription(Image, "vpr/descriptor", self.start_worker().offer, reliable_qos(depth=5))
         if self.reranker is not None:
@@ -197,7 +288,110 @@ class LocalizerNode(WorkerNode):
             + (f"filtered poses (HMM over keyframes{', odometry on odom' if self.odometry is not None else ''})"
                if self.tracker else "single-frame poses")
             + (f"; Patch-NetVLAD re-ranking ({rcfg.paper_name} mode, top {rcfg.k}, patch sizes "
-               f"{list(self.reranker.sizes)}) with vpr/patch_netvlad" if self.reranker is not None else ""))
+               f"{list(self.reranker.sizes)}) with vpr/patch_netvlad" if self.reranker is not None else "")
+            + (f"; index {self.milvus!r}" if self.milvus is not None else "")
+            + (f"; prior box +-{self.prior_box_m} m" if self.prior_box_m > 0 else ""))
+
+    # --- index backend -----------------------------------------------------------------------
+
+    def _open_milvus(self, ip: IndexParams) -> None:
+        """Replace the map's index by the Milvus collection (fingerprint checked against the map's).
+
+        Like :func:`~vpr_localizer.mapping.milvus_index.use_milvus_index`, but the collection may
+        hold more rows than the map (keyframes appended by other robots: :meth:`_load_new_keyframes`).
+
+        Raises:
+            FingerprintMismatchError: the collection was built with another encoder than the map.
+            MapError: connection / collection errors, another descriptor dimension, fewer rows
+                than the map.
+        """
+        from vpr_localizer.mapping.milvus_index import MilvusIndex
+
+        idx = MilvusIndex.open(ip.milvus_uri, ip.collection, self.map.fingerprint)
+        try:
+            if idx.d != int(self.map.index.d) or idx.ntotal < len(self.map):
+                raise MapError(f"milvus collection {ip.collection!r} at {idx.uri} holds {idx.ntotal} {idx.d}-D "
+                               f"descriptors but map {self.map.path} has {len(self.map)} keyframes of "
+                               f"{int(self.map.index.d)}-D descriptors (export it with vpr-localizer map-export)")
+            rows = idx.fetch(ids=range(len(self.map)), with_descriptors=False)
+            if len(rows["id"]) != len(self.map):
+                raise MapError(f"milvus collection {ip.collection!r} at {idx.uri} lacks some of the map's "
+                               f"{len(self.map)} keyframe ids")
+        except BaseException:
+            idx.close()
+            raise
+        self.kf_robot = [str(r) for r in rows["robot_id"]]
+        self.map.index = self.milvus = idx
+
+    def _refresh_index(self) -> None:
+        """At most every ``index.refresh_s``: re-read the collection's row count and take in the
+        keyframes appended since (milvus only)."""
+        now = time.monotonic()
+        if self.milvus is None or now - self._last_refresh < self.refresh_s:
+            return
+        self._last_refresh = now
+        try:
+            self.milvus.refresh()
+            self._load_new_keyframes()
+        except Exception as exc:  # noqa: BLE001 - MapError, pymilvus errors: search what is known
+            self.get_logger().warning(f"cannot refresh the milvus collection: {exc}", throttle_duration_sec=5.0)
+
+    def _load_new_keyframes(self) -> None:
+        """Keyframes of the collection beyond the known ones (ids ``len(keyframes)..ntotal-1``,
+        contiguous; a gap is retried at the next refresh) become keyframes of the node."""
+        n, total = len(self.map.keyframes), int(self.milvus.ntotal)
+        if total <= n:
+            return
+        rows = self.milvus.fetch(ids=range(n, total), with_descriptors=False)
+        new = []
+        for j, kid in enumerate(rows["id"]):
+            if int(kid) != n + len(new):
+                break
+            new.append(Keyframe(id=int(kid), stamp=float(rows["stamp"][j]), x=float(rows["x"][j]),
+                                y=float(rows["y"][j]), z=float(rows["z"][j]), lat=float(rows["lat"][j]),
+                                lon=float(rows["lon"][j])))
+            self.kf_robot.append(str(rows["robot_id"][j]))
+        if not new:
+            return
+        self.map.keyframes.extend(new)
+        pos = np.array([[k.x, k.y, k.z] for k in new], np.float64)
+        self.positions = np.concatenate([self.positions, pos])
+        ok = np.isfinite(pos[:, :2]).all(axis=1) if self.has_positions else np.ones(len(new), bool)
+        self.usable = np.concatenate([self.usable, ok])
+        # the Localizer caches the keyframe positions: give it the grown table (appended keyframes
+        # without a position never become candidates, so the cache keeps meaning "all finite")
+        self.localizer._pos = self.positions
+        robots = sorted({self.kf_robot[k.id] or "?" for k in new})
+        self.get_logger().info(f"{len(new)} keyframe(s) appended to the collection by {', '.join(robots)}: "
+                               f"{len(self.map.keyframes)} keyframes")
+
+    def _candidates(self, ids: np.ndarray, scores: np.ndarray):
+        """Drop missing hits (-1), rows not loaded yet, appended keyframes without a position and,
+        with the filter or re-ranking, every keyframe appended after start-up."""
+        limit = self.map_size if (self.tracker is not None or self.reranker is not None) else len(self.usable)
+        ok = (ids >= 0) & (ids < limit)
+        ok[ok] &= self.usable[ids[ok]]
+        return ids[ok], scores[ok]
+
+    def _retrieve(self, desc: np.ndarray):
+        """Top ``retrieve_k`` candidates of one descriptor, in the prior box when there is one
+        (module doc); returns ``(ids (n,), scores (n,), relocalised)``."""
+        relocalised = False
+        if self.prior_box_m > 0 and self.prior is not None:
+            b, (x, y) = self.prior_box_m, self.prior
+            self.prior_searches += 1
+            scores, ids = search_near(self.map.index, desc, self.retrieve_k, (x - b, x + b, y - b, y + b),
+                                      positions=self.positions)
+            ids, scores = self._candidates(ids[0], scores[0])
+            if len(ids) and float(scores[0]) >= self.loop_threshold:
+                return ids, scores, False
+            self.relocalisation_searches += 1
+            relocalised = True
+        scores, ids = self.localizer.retrieve(desc, k=self.retrieve_k)
+        ids, scores = self._candidates(ids[0], scores[0])
+        if not len(ids):
+            raise ValueError("no map candidate returned for this descriptor")
+        return ids, scores, relocalised
 
     def _on_odom(self, msg: Odometry) -> None:
         p = msg.pose.pose.position
@@ -229,8 +423,8 @@ class LocalizerNode(WorkerNode):
             raise ValueError(f"descriptor is {desc.shape[0]} x {desc.shape[1]}, the map needs 1 x {self.dim}")
         desc = check_unit_norm(desc)  # NaN, all-zero or rescaled descriptors: logged and dropped
         t1 = time.perf_counter()
-        scores, ids = self.localizer.retrieve(desc, k=self.retrieve_k)
-        ids, scores = ids[0], scores[0]
+        self._refresh_index()
+        ids, scores, relocalised = self._retrieve(desc)
         global_best = int(ids[0])
         t2 = time.perf_counter()
         rerank_values = {}
@@ -248,7 +442,7 @@ class LocalizerNode(WorkerNode):
         header = Header(stamp=msg.header.stamp, frame_id=self.frame_id)
         best = self.map.keyframes[est.best_id]
         top = self.map.keyframes[int(est.ids[0])]  # the retrieval's best (== best without the filter)
-        if self.map.has_positions:
+        if self.has_positions:
             self.pub_pose.publish(self._pose_msg(header, est, best))
             if self.pub_fix is not None:
                 self.pub_fix.publish(self._fix_msg(msg.header, est))
@@ -256,14 +450,23 @@ class LocalizerNode(WorkerNode):
             self.pub_loop.publish(Float64MultiArray(data=[
                 stamp_to_sec(msg.header.stamp), float(top.stamp) if math.isfinite(top.stamp) else float("nan"),
                 float(est.scores[0]), float(est.ids[0])]))
-        if self.map.has_positions:
+            robot = self.kf_robot[int(est.ids[0])]
+            if robot and robot != self.robot_id:  # mapped by another robot: a multi-robot loop closure
+                self.pub_loop_robot.publish(String(data=json.dumps({
+                    "query_stamp": stamp_to_sec(msg.header.stamp), "keyframe_id": int(est.ids[0]),
+                    "robot_id": robot, "score": float(est.scores[0])})))
+        if self.prior_box_m > 0 and math.isfinite(est.x) and math.isfinite(est.y):
+            self.prior = (float(est.x), float(est.y))
+        if self.has_positions:
             self.pub_markers.publish(self._markers(header, est, global_best))
             if self.tf is not None:
                 self.tf.sendTransform(self._transform(header, est, best))
         t4 = time.perf_counter()
         values = {"decode_ms": 1e3 * (t1 - t0), "search_ms": 1e3 * (t2 - t1), "pose_ms": 1e3 * (t3 - t_rr),
                   "publish_ms": 1e3 * (t4 - t3), "map_keyframes": len(self.map), "best_score": float(est.scores[0]),
-                  "best_keyframe": est.best_id, "margin": float(est.margin), **rerank_values}
+                  "best_keyframe": est.best_id, "margin": float(est.margin), **rerank_values,
+                  "prior_searches": self.prior_searches, "relocalisation_searches": self.relocalisation_searches,
+                  "relocalised": relocalised}
         if self.tracker is not None:
             f = est.filter
             values.update({"filter_converged": bool(f.converged), "posterior_probability": float(f.probability),
@@ -308,6 +511,13 @@ class LocalizerNode(WorkerNode):
 
     def _wake_worker(self) -> None:
         self.patch_buffer.close()  # a frame waiting for its patches goes on at once
+
+    def _release(self) -> None:
+        if self.milvus is not None:  # after the worker stopped: no search in flight
+            try:
+                self.milvus.close()
+            except Exception as exc:  # noqa: BLE001 - teardown goes on
+                self.get_logger().warning(f"closing the milvus client: {exc}")
 
     def _pose_msg(self, header: Header, est, best) -> PoseWithCovarianceStamped:
         m = PoseWithCovarianceStamped()

@@ -61,6 +61,21 @@ Encoder
     index and loop-closure detector and any published downstream -- which must stay valid for
     the whole run. A fixed, pre-trained PCA from a checkpoint is fine.
 
+Shared Milvus collection
+    With ``milvus_uri`` and ``collection`` set, every new keyframe is also appended to that
+    collection (:meth:`~vpr_localizer.mapping.milvus_index.MilvusIndex.add`: descriptor, position,
+    lat/lon, stamp, ``robot_id``) once the encoder is final (after the NetVLAD bootstrap; at
+    start-up with a checkpoint), so that ``vpr_localizer`` nodes searching that collection
+    (``index.backend: milvus``) find it. A missing collection is created with this map's encoder
+    fingerprint and ENU datum; an existing one must have been built with the same encoder
+    (:class:`~vpr_localizer.errors.FingerprintMismatchError`: fatal at start-up with a checkpoint,
+    after a bootstrap logged as an error and the appends stop). Positions are stored in the
+    collection's ENU frame (converted from the keyframe's lat/lon when the collection has a datum
+    and the keyframe GNSS coordinates), else as mapped. Rows get the ids following the
+    collection's row count (one writer at a time per collection: concurrent writers could pick
+    the same ids); ``milvus_ids`` holds the row id of each keyframe. A failed append is logged and
+    retried with the next keyframe. The map directory is written as without it.
+
 Loop closures
     :class:`~vpr_localizer.mapping.loop_closure.LoopClosureDetector` (``loop_min_age_s``,
     ``loop_score_threshold``, ``loop_top_k``, and the temporal consistency check
@@ -97,7 +112,7 @@ from std_msgs.msg import Float64MultiArray
 from vpr_localizer.models.config import EncoderConfig
 from vpr_localizer.models.encoder import Encoder
 from vpr_localizer.models.fitting import sample_feature_locations
-from vpr_localizer.errors import ConfigError, MapError, WeightsError
+from vpr_localizer.errors import ConfigError, FingerprintMismatchError, MapError, WeightsError
 from vpr_localizer.geodesy import EnuDatum
 from vpr_localizer.mapping.loop_closure import LoopCandidate, LoopClosureConfig, LoopClosureDetector
 from vpr_localizer.mapping.append import MapAppender
@@ -291,6 +306,10 @@ class MapBuilderParams:
             sensor_msgs/Image on ``image``.
         sequence: ``Keyframe.sequence`` of every keyframe.
         condition: ``Keyframe.condition`` of every keyframe.
+        milvus_uri: also append every keyframe to the Milvus collection ``collection`` there
+            (a milvus-lite ``*.db`` file or ``http://host:19530``; "" = off; module doc).
+        collection: that collection's name (created with this map's fingerprint when missing).
+        robot_id: stored with every keyframe appended to the collection.
         encoder: ``encoder.*`` (:class:`~vpr_localizer.models.encoder.EncoderConfig`; ``pca_dim``
             defaults to 0: live maps fit no PCA).
     """
@@ -312,6 +331,9 @@ class MapBuilderParams:
     compressed: bool = False
     sequence: str = ""
     condition: str = ""
+    milvus_uri: str = ""
+    collection: str = ""
+    robot_id: str = ""
     encoder: EncoderConfig = field(default_factory=lambda: EncoderConfig(pca_dim=0))  # no PCA live
 
     def validate(self) -> None:
@@ -331,6 +353,8 @@ class MapBuilderParams:
             raise ConfigError("bootstrap_keyframes, loop_top_k and loop_consistency_frames must be >= 1")
         if self.loop_consistency_tolerance < 0:
             raise ConfigError(f"loop_consistency_tolerance must be >= 0, got {self.loop_consistency_tolerance}")
+        if bool(self.milvus_uri) != bool(self.collection):
+            raise ConfigError("milvus_uri and collection must be set together (or both left empty)")
 
 
 class MapBuilderNode(WorkerNode):
@@ -391,6 +415,22 @@ class MapBuilderNode(WorkerNode):
         self._flush_lock = threading.Lock()   # one map write at a time (write_map uses a per-pid temp dir)
         if self.encoder.trained:
             self._freeze_encoder()
+        # the shared Milvus collection (module doc)
+        self.milvus_enabled = bool(p.milvus_uri)
+        self.robot_id = p.robot_id
+        self.milvus_ids: List[int] = []   # collection row id of each keyframe appended so far
+        self.milvus_errors = 0
+        self._milvus = None               # MilvusIndex, opened at the first append
+        self._milvus_client = None
+        self._milvus_stopped: Optional[str] = None  # why appends stopped (fingerprint mismatch)
+        self._milvus_lock = threading.Lock()
+        if self.milvus_enabled and self.encoder.trained:  # final encoder: check the collection now (fatal)
+            try:
+                self._milvus = self._open_collection(create=False)
+            except BaseException:
+                if self._milvus_client is not None:
+                    self._milvus_client.close()
+                raise
 
         self.pub_loop = self.create_publisher(Float64MultiArray, "vpr/loop_closure", reliable_qos())
         self.start_worker()
@@ -542,6 +582,7 @@ class MapBuilderNode(WorkerNode):
         self.last_encode_ms = 1e3 * (time.perf_counter() - t0)
         self._last_kf_stamp, self._last_kf_pos = stamp, pos
         self._publish_loops(cands)
+        self._append_to_milvus()
         self._publish_diagnostics()
 
     def _add_keyframe_locked(self, kf: Keyframe, desc: np.ndarray) -> Optional[LoopCandidate]:
@@ -577,10 +618,14 @@ class MapBuilderNode(WorkerNode):
             pending = len(self.bootstrap) if self.bootstrap is not None and not self.encoder.trained else 0
         flush_problems = ([f"{self.flush_errors} failed flush(es); last: {self.last_flush_error}"]
                           if self.flush_errors else [])
+        if self._milvus_stopped:
+            flush_problems.append(f"milvus appends stopped: {self._milvus_stopped}")
         self.publish_diagnostics(
             {"keyframes": n_kf, "bootstrap_pending": pending, "loop_closures": n_loops,
              "no_position": self.no_position, "encode_ms": float(self.last_encode_ms),
-             "flushes": self.flushes, "flushed_keyframes": self._flushed_count},
+             "flushes": self.flushes, "flushed_keyframes": self._flushed_count,
+             **({"milvus_appended": len(self.milvus_ids), "milvus_errors": self.milvus_errors}
+                if self.milvus_enabled else {})},
             ok_message="bootstrapping NetVLAD" if pending else None, problems=flush_problems)
 
     # --- writing the map ------------------------------------------------------------------
@@ -608,7 +653,9 @@ class MapBuilderNode(WorkerNode):
         Raises:
             MapError: the map cannot be written.
         """
-        return self._flush(finish_bootstrap, full)
+        out = self._flush(finish_bootstrap, full)
+        self._append_to_milvus()  # keyframes a finished bootstrap just added
+        return out
 
     def _flush(self, finish_bootstrap: bool, full: bool = True) -> Optional[str]:
         import faiss
@@ -685,6 +732,93 @@ class MapBuilderNode(WorkerNode):
             self._flush(finish_bootstrap=True, full=True)
         except Exception as exc:  # noqa: BLE001
             self.get_logger().error(f"final map flush failed: {exc}")
+        self._append_to_milvus()
+        if self._milvus_client is not None:
+            try:
+                self._milvus_client.close()
+            except Exception as exc:  # noqa: BLE001 - teardown goes on
+                self.get_logger().warning(f"closing the milvus client: {exc}")
+
+    # --- the shared Milvus collection -------------------------------------------------------
+
+    def _open_collection(self, create: bool):
+        """The :class:`~vpr_localizer.mapping.milvus_index.MilvusIndex` of ``collection`` (its
+        fingerprint checked against the final encoder's); a missing one is created when ``create``
+        (else None).
+
+        Raises:
+            FingerprintMismatchError: the collection was built with another encoder.
+            MapError: connection / Milvus errors.
+        """
+        from vpr_localizer.mapping.milvus_index import MilvusIndex, connect
+
+        p = self.params
+        if self._milvus_client is None:
+            self._milvus_client = connect(p.milvus_uri)
+        client = self._milvus_client
+        if not client.has_collection(p.collection):
+            if not create:
+                return None
+            datum = None if self.datum is None else {"lat": float(self.datum.lat), "lon": float(self.datum.lon),
+                                                     "alt": float(self.datum.alt)}
+            try:
+                idx = MilvusIndex.create(client, p.collection, int(self.encoder.dim), self._fingerprint, datum=datum,
+                                         source_map=self.map_path, uri=p.milvus_uri)
+                self.get_logger().info(f"created milvus collection {p.collection!r} at {p.milvus_uri}")
+                return idx
+            except MapError:
+                if not client.has_collection(p.collection):  # not a concurrent creation: a real error
+                    raise
+        idx = MilvusIndex.open(client, p.collection, self._fingerprint, uri=p.milvus_uri)
+        if idx.d != int(self.encoder.dim):
+            raise MapError(f"milvus collection {p.collection!r} at {p.milvus_uri} holds {idx.d}-D descriptors, "
+                           f"this encoder makes {self.encoder.dim}-D ones")
+        return idx
+
+    def _collection_rows(self, keyframes: List[Keyframe]) -> List[Keyframe]:
+        """The keyframes with their position in the collection's ENU frame (module doc)."""
+        d = self._milvus.datum
+        if not d:
+            return keyframes
+        datum = EnuDatum(float(d["lat"]), float(d["lon"]), float(d.get("alt", 0.0)))
+        out = []
+        for kf in keyframes:
+            if math.isfinite(kf.lat) and math.isfinite(kf.lon):
+                has_alt = math.isfinite(kf.alt)
+                e, n, u = datum.to_enu(kf.lat, kf.lon, kf.alt if has_alt else None)
+                kf = replace(kf, x=float(e), y=float(n), z=float(u) if has_alt else 0.0)
+            out.append(kf)
+        return out
+
+    def _append_to_milvus(self) -> None:
+        """Append the keyframes not in the collection yet (only once the encoder is final); errors
+        are logged and counted (retried next time), a fingerprint mismatch stops the appends."""
+        if not self.milvus_enabled:
+            return
+        with self._milvus_lock:
+            if self._milvus_stopped:
+                return
+            with self._lock:
+                m, n = len(self.milvus_ids), len(self.keyframes)
+                if not self.encoder.trained or n <= m:
+                    return
+                keyframes = self.keyframes[m:n]
+                descriptors = self.detector.index.reconstruct_n(m, n - m)
+            try:
+                if self._milvus is None:
+                    self._milvus = self._open_collection(create=True)
+                start = self._milvus.refresh()
+                ids = self._milvus.add(np.ascontiguousarray(descriptors, np.float32), self._collection_rows(keyframes),
+                                       ids=range(start, start + len(keyframes)), robot_id=self.robot_id)
+                self.milvus_ids.extend(int(i) for i in ids)
+            except FingerprintMismatchError as exc:
+                self._milvus_stopped = str(exc)
+                self.get_logger().error(f"milvus appends stopped: {exc}")
+            except Exception as exc:  # noqa: BLE001 - MapError, pymilvus errors: retried with the next keyframe
+                self.milvus_errors += 1
+                self.get_logger().error(f"cannot append {n - m} keyframe(s) to milvus collection "
+                                        f"{self.params.collection!r} (retrying later): {exc}",
+                                        throttle_duration_sec=5.0)
 
 
 def main(argv=None) -> int:
