@@ -17,6 +17,30 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def refused_pickle_message(path: str) -> str:
+    """The one-line message for a file that ``torch.load(weights_only=True)`` refused."""
+    return (f"refused to load {path}: it contains pickled Python objects beyond tensors (possibly "
+            "malicious); only plain state dicts are accepted")
+
+
+def torch_load_weights_only(path: str):
+    """``torch.load(path, map_location="cpu", weights_only=True)``.
+
+    Raises:
+        WeightsError: the file holds pickled objects beyond tensors and plain containers
+            (:func:`refused_pickle_message`; torch's own advice to pass ``weights_only=False``
+            is deliberately not repeated). Other load errors propagate unchanged.
+    """
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise WeightsError(refused_pickle_message(path)) from exc
+
+
 def load_state_dict_file(path: str, label: str, strip_module_prefix: bool = False) -> Dict:
     """Load a PyTorch state dict of tensors with ``torch.load(weights_only=True)``.
 
@@ -39,7 +63,9 @@ def load_state_dict_file(path: str, label: str, strip_module_prefix: bool = Fals
     if not path or not os.path.isfile(path):
         raise WeightsError(f"{label} weight file not found: {path!r}")
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        sd = torch_load_weights_only(path)
+    except WeightsError:
+        raise
     except Exception as exc:
         raise WeightsError(f"{path}: cannot load {label} weights ({type(exc).__name__}: {exc})") from exc
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):

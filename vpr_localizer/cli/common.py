@@ -48,7 +48,9 @@ def add_encoder_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("encoder")
     g.add_argument("--params", help="ROS parameter YAML (config/*.yaml); its 'encoder' section is the base")
     g.add_argument("--backbone", choices=backbone_names())
-    g.add_argument("--weights", help="backbone weight file (vgg16: ../shared/weights/vgg16_features_imagenet_caffe_bgr.pth)")
+    g.add_argument("--weights", help="backbone weight file (default: the backbone's conventional file, for vgg16 "
+                                     "vgg16_features_imagenet_caffe_bgr.pth, in $VPR_WEIGHTS_DIR, else in "
+                                     "../shared/weights beside the repository)")
     g.add_argument("--preprocessing", choices=preprocessing_names())
     g.add_argument("--image-size", nargs=2, type=int, metavar=("W", "H"), help="network input size, pixels")
     g.add_argument("--aggregator", choices=aggregator_names())
@@ -87,6 +89,11 @@ def encoder_config_from_args(args, base: Optional[Dict] = None):
         d["image_size"] = args.image_size
     if d.get("backbone", "vgg16") != "vgg16" and "weights" in d and base and d["weights"] == base.get("weights"):
         d.pop("weights")  # the scenario's VGG16 file does not fit another backbone
+    if not d.get("weights"):
+        from vpr_localizer.models.registry import default_backbone_weights
+
+        # $VPR_WEIGHTS_DIR, then ../shared/weights beside the repository; WeightsError lists both
+        d["weights"] = default_backbone_weights(d.get("backbone") or EncoderConfig.backbone)
     return EncoderConfig.from_dict(d)
 
 

@@ -152,16 +152,25 @@ def _run_scenario(name: str, args) -> Dict:
 
 
 def _cmd_evaluate(args) -> int:
-    from vpr_localizer.evaluation.evaluate import GroundTruth, evaluate, summary_lines
+    from vpr_localizer.evaluation.evaluate import GroundTruth, evaluate, ground_truth_from_file, summary_lines
     from vpr_localizer.io.records import load_records
 
     if args.scenario:
+        if args.gt_file or args.gt:
+            raise ConfigError("--gt / --gt-file apply to --map-images/--query-images, not to a --scenario "
+                              "(it has its own ground truth)")
         _run_scenario(args.scenario, args)
         return 0
     if not (args.map_images and args.query_images):
         raise ConfigError("evaluate needs --scenario NAME, or --map-images and --query-images")
+    if args.gt_file and args.gt:
+        raise ConfigError("--gt and --gt-file exclude each other")
+    if args.gt_file:
+        gt = ground_truth_from_file(args.gt_file)
+    else:
+        gt = GroundTruth(args.gt or "position", thresholds_m=tuple(args.thresholds),
+                         frame_tolerance=args.frame_tolerance)
     cfg = encoder_config_from_args(args)
-    gt = GroundTruth(args.gt, thresholds_m=tuple(args.thresholds), frame_tolerance=args.frame_tolerance)
     mrec = load_records(args.map_images, args.map_csv, "auto", args.map_select, args.map_condition)
     qrec = load_records(args.query_images, args.query_csv, "auto", args.query_select, args.query_condition)
     res = evaluate(mrec, qrec, cfg, gt, args.out, name=args.name or "evaluation", sequence_lengths=args.sequence,
@@ -363,13 +372,30 @@ def build_parser() -> argparse.ArgumentParser:
                                   "--out/SCENARIO); without, the name in the metrics (default 'evaluation')")
     e.add_argument("--no-map", action="store_true", help="do not write the evaluation map to disk")
     for side in ("map", "query"):
-        e.add_argument(f"--{side}-images")
-        e.add_argument(f"--{side}-csv")
-        e.add_argument(f"--{side}-select", default="all", choices=["all", "even", "odd"])
-        e.add_argument(f"--{side}-condition", nargs="*")
-    e.add_argument("--gt", default="position", choices=["position", "frame", "place"])
-    e.add_argument("--thresholds", nargs="+", type=float, default=[25.0, 3.0], help="metres")
-    e.add_argument("--frame-tolerance", type=int, default=1)
+        e.add_argument(f"--{side}-images", help=f"{side} image folder")
+        e.add_argument(f"--{side}-csv", help=f"CSV with the {side} images' positions / frame / place_id "
+                                              f"(paths relative to --{side}-images)")
+        e.add_argument(f"--{side}-select", default="all", choices=["all", "even", "odd"],
+                       help=f"keep all {side} images, or those with an even / odd frame number (the last "
+                            "integer in the file name, or the CSV 'frame' column; images without one count "
+                            "by their position in the list, from 1)")
+        e.add_argument(f"--{side}-condition", nargs="*", help=f"keep only {side} images with these CSV condition tags")
+    e.add_argument("--gt", default=None, choices=["position", "frame", "place"],
+                   help="ground truth (default position): position = a retrieved map image is correct within "
+                        "--thresholds metres (needs GPS in EXIF, or lat/lon or x/y in a CSV, for every image); "
+                        "frame = within --frame-tolerance frames, the frame number being the last integer in "
+                        "the file name (or the CSV 'frame' column); place = same CSV place_id. Checked before "
+                        "any image is encoded")
+    e.add_argument("--gt-file", metavar="FILE",
+                   help="explicit ground truth instead of --gt: a CSV with the columns query,map (image file "
+                        "names; several rows per query = several correct map images). VPR-Bench .npy files "
+                        "are pickled object arrays and are not read: convert them to this CSV")
+    e.add_argument("--thresholds", nargs="+", type=float, default=[25.0, 3.0],
+                   help="distance thresholds of --gt position, metres; the first is the primary (default 25 3)")
+    e.add_argument("--frame-tolerance", type=int, default=1,
+                   help="--gt frame: a map image is correct when |query frame - map frame| <= this tolerance "
+                        "times the map's frame spacing (the median difference of its sorted frame numbers; "
+                        "default 1)")
     add_encoder_args(e)
     add_sequence_args(e)
     add_rerank_args(e)

@@ -16,7 +16,7 @@ import os
 import platform
 import time
 from dataclasses import dataclass, field, replace
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -45,23 +45,150 @@ class GroundTruth:
     """How a retrieved map image is judged correct for a query.
 
     Attributes:
-        kind: ``position`` (metric distance), ``frame`` (frame index), or ``place`` (place_id).
+        kind: ``position`` (metric distance), ``frame`` (frame index), ``place`` (place_id), or
+            ``file`` (explicit query -> correct map images pairs, :func:`ground_truth_from_file`).
         thresholds_m: distance thresholds for ``position`` (metres); the first is the primary.
         frame_tolerance: for ``frame``: |frame_q - frame_m| <= tolerance * step, where step is
             the map's frame spacing (median difference of its sorted frame indices; Nordland
             thumbnails are every 10th source frame, so +-1 frame = +-10 source frames).
+        pairs: for ``file``: query image name -> the names of its correct map images.
+        source: for ``file``: the ground-truth file (named in messages and the metrics).
     """
 
     kind: str = "position"
     thresholds_m: Tuple[float, ...] = (25.0, 3.0)
     frame_tolerance: int = 1
+    pairs: Optional[Dict[str, FrozenSet[str]]] = None
+    source: Optional[str] = None
 
     def labels(self) -> List[str]:
         if self.kind == "position":
             return [f"{t:g}m" for t in self.thresholds_m]
         if self.kind == "frame":
             return [f"frame+-{self.frame_tolerance}"]
+        if self.kind == "file":
+            return ["gt-file"]
         return ["place"]
+
+
+def ground_truth_from_file(path: str) -> GroundTruth:
+    """An explicit ground truth: a CSV with the columns ``query,map`` (image file names, header
+    required, case-insensitive, UTF-8 with or without a byte-order mark); several rows per query
+    give several correct map images. Names match an image's name as listed (its path relative to
+    the image folder or CSV) or its base name.
+
+    VPR-Bench's ``ground_truth_new.npy`` is a NumPy *object* array (query index, list of map
+    indices), which ``np.load`` reads only with ``allow_pickle=True``; it is refused (pickles
+    can run code) and must be converted to this CSV first.
+
+    Raises:
+        DatasetError: missing or unreadable file, a ``.npy`` file, no ``query``/``map`` column,
+            an empty name (the message gives the line), or no rows.
+    """
+    import csv
+
+    if not os.path.isfile(path):
+        raise DatasetError(f"ground-truth file not found: {path}")
+    if path.lower().endswith((".npy", ".npz")):
+        raise DatasetError(f"{path}: NumPy ground truth (VPR-Bench's .npy is a pickled object array) is not "
+                           "read, as loading it needs pickle; convert it to a CSV with columns query,map")
+    pairs: Dict[str, set] = {}
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            cols = {c.strip().lower(): c for c in (reader.fieldnames or [])}
+            if "query" not in cols or "map" not in cols:
+                raise DatasetError(f"{path}: a ground-truth CSV needs the columns query,map "
+                                   f"(found: {', '.join(reader.fieldnames or []) or 'none'})")
+            for line, row in enumerate(reader, start=2):
+                q, m = (row.get(cols["query"]) or "").strip(), (row.get(cols["map"]) or "").strip()
+                if not q or not m:
+                    raise DatasetError(f"{path}:{line}: empty query or map image name")
+                pairs.setdefault(_gt_name(q), set()).add(_gt_name(m))
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{path}: not UTF-8 text (offset {exc.start}); save it as UTF-8") from exc
+    except csv.Error as exc:
+        raise DatasetError(f"{path}: not a readable CSV ({exc})") from exc
+    if not pairs:
+        raise DatasetError(f"{path}: no query,map rows")
+    return GroundTruth("file", pairs={q: frozenset(ms) for q, ms in pairs.items()}, source=path)
+
+
+def _gt_name(name: str) -> str:
+    return os.path.normpath(name.replace("\\", "/")).replace(os.sep, "/")
+
+
+def _gt_lookup(records: Sequence[ImageRecord]) -> Dict[str, List[int]]:
+    """name and base name of each record -> record indices (for ``file`` ground truth)."""
+    out: Dict[str, List[int]] = {}
+    for i, r in enumerate(records):
+        name = _gt_name(r.name)
+        for key in {name, name.rsplit("/", 1)[-1]}:
+            out.setdefault(key, []).append(i)
+    return out
+
+
+def _query_pairs(gt: GroundTruth, record: ImageRecord) -> Optional[FrozenSet[str]]:
+    name = _gt_name(record.name)
+    hit = gt.pairs.get(name)
+    return hit if hit is not None else gt.pairs.get(name.rsplit("/", 1)[-1])
+
+
+def check_ground_truth(map_records: Sequence[ImageRecord], query_records: Sequence[ImageRecord],
+                       gt: GroundTruth) -> None:
+    """Fail before any image is encoded when the records cannot carry ground truth ``gt``.
+
+    ``position``: every map and query image needs a position (x/y, or lat/lon: EXIF GPS or CSV),
+    and queries with lat/lon only need a geotagged map; ``frame``: a frame number (the last
+    integer in the file name, or the CSV ``frame`` column); ``place``: a CSV ``place_id``;
+    ``file``: the ground-truth file must list some of the queries and map images.
+
+    Raises:
+        DatasetError: one line saying what is missing, how many images lack it and one example.
+        ValueError: unknown kind.
+    """
+    def lacking(side, recs, ok, what):
+        bad = [r for r in recs if not ok(r)]
+        if bad:
+            raise DatasetError(f"{gt.kind} ground truth needs {what} for every image: {len(bad)} of the "
+                               f"{len(recs)} {side} images have none (e.g. {bad[0].path})")
+
+    if gt.kind == "position":
+        what = "a position (GPS in EXIF, or lat/lon or x/y in a CSV)"
+        for side, recs in (("map", map_records), ("query", query_records)):
+            lacking(side, recs, lambda r: r.has_position or r.has_geodetic, what)
+        if (any(r.has_geodetic and not r.has_position for r in query_records)
+                and not any(r.has_geodetic for r in map_records)):
+            raise DatasetError("position ground truth: the queries have lat/lon only but no map image is "
+                               "geotagged, so their positions cannot be put in the map frame")
+    elif gt.kind == "frame":
+        what = "a frame number (the last integer in the file name, or a CSV 'frame' column)"
+        for side, recs in (("map", map_records), ("query", query_records)):
+            lacking(side, recs, lambda r: r.frame is not None, what)
+    elif gt.kind == "place":
+        for side, recs in (("map", map_records), ("query", query_records)):
+            lacking(side, recs, lambda r: r.place_id is not None, "a place_id (CSV column)")
+    elif gt.kind == "file":
+        if not gt.pairs:
+            raise DatasetError("file ground truth without query,map pairs")
+        listed = [r for r in query_records if _query_pairs(gt, r) is not None]
+        if not listed:
+            raise DatasetError(f"{gt.source}: none of the {len(query_records)} query images is in its 'query' "
+                               f"column (e.g. {query_records[0].name if query_records else '-'})")
+        known = _gt_lookup(map_records)
+        wanted = set().union(*gt.pairs.values())
+        missing = sorted(m for m in wanted if m not in known)
+        if len(missing) == len(wanted):
+            raise DatasetError(f"{gt.source}: none of its {len(wanted)} map image names is among the "
+                               f"{len(map_records)} map images (e.g. {missing[0]})")
+        if missing:
+            LOG.warning("%s: %d map image name(s) not among the map images, ignored (e.g. %s)",
+                        gt.source, len(missing), missing[0])
+        if len(listed) < len(query_records):
+            LOG.warning("%s lists %d of the %d query images; the others count as queries without positives",
+                        gt.source, len(listed), len(query_records))
+    else:
+        raise ValueError(f"unknown ground-truth kind {gt.kind!r}")
 
 
 def frame_step(frames: Sequence[int]) -> int:
@@ -102,6 +229,13 @@ def relevance(map_records: Sequence[ImageRecord], query_records: Sequence[ImageR
         m = np.array([r.place_id for r in map_records])
         q = np.array([r.place_id for r in query_records])
         return {"place": q[:, None] == m[None, :]}
+    if gt.kind == "file":
+        known = _gt_lookup(map_records)
+        rel = np.zeros((len(query_records), len(map_records)), dtype=bool)
+        for qi, r in enumerate(query_records):
+            for m in _query_pairs(gt, r) or ():
+                rel[qi, known.get(m, [])] = True
+        return {"gt-file": rel}
     raise ValueError(f"unknown ground-truth kind {gt.kind!r}")
 
 
@@ -196,7 +330,8 @@ def evaluate(map_records: Sequence[ImageRecord], query_records: Sequence[ImageRe
         :class:`EvaluationResult`.
 
     Raises:
-        DatasetError: unreadable sets or missing ground truth.
+        DatasetError: unreadable sets or missing ground truth (the ground truth is checked by
+            :func:`check_ground_truth` before anything is encoded).
         ConfigError: patch sizes that do not fit the feature grid.
     """
     from vpr_localizer.evaluation import plots
@@ -206,6 +341,7 @@ def evaluate(map_records: Sequence[ImageRecord], query_records: Sequence[ImageRe
     if int(query_step) < 1:
         raise ValueError(f"query_step must be >= 1, got {query_step}")
     query_records = list(query_records)[::int(query_step)]
+    check_ground_truth(map_records, query_records, gt)  # before minutes of encoding
     rerank = [c for c in rerank if c.enabled]
     encoder = Encoder(encoder_config)
     heads = baseline_heads()
@@ -332,7 +468,8 @@ def evaluate(map_records: Sequence[ImageRecord], query_records: Sequence[ImageRe
         "description": description,
         "ground_truth": {"kind": gt.kind, "labels": gt.labels(), "thresholds_m": list(gt.thresholds_m),
                          "frame_tolerance": gt.frame_tolerance,
-                         "frame_step": frame_step([r.frame for r in mrecs]) if gt.kind == "frame" else None},
+                         "frame_step": frame_step([r.frame for r in mrecs]) if gt.kind == "frame" else None,
+                         **({"file": os.path.abspath(gt.source)} if gt.kind == "file" and gt.source else {})},
         "map": {"images": len(map_records), "encoded": len(mrecs), "skipped": menc.result.skipped,
                 "geotagged": menc.datum is not None, "pca_fitted": menc.pca_fitted},
         "queries": {"images": len(query_records), "encoded": len(qrecs), "skipped": qres.skipped,

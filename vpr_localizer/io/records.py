@@ -19,7 +19,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from vpr_localizer.errors import DatasetError
 from vpr_localizer.io.image_files import IMAGE_EXTENSIONS, read_exif_gps
@@ -185,14 +185,28 @@ def records_from_csv(csv_path: str, folder: Optional[str] = None) -> List[ImageR
     :data:`MAX_ABS_LOCAL_M` metres, non-finite heading/yaw/stamp/frame; see
     :func:`record_problem`) is skipped with a warning naming the CSV file and line.
 
+    The file must be UTF-8; a byte-order mark (as Excel writes) is accepted. An image listed
+    on several usable rows is kept once, from the first of them; one warning names the CSV file
+    and the repeated lines.
+
     Raises:
-        DatasetError: missing file, no image column, a row with a missing image file, a
-            non-numeric coordinate (the message gives the CSV line), or no usable row.
+        DatasetError: missing file, not UTF-8 text, no image column, a row with a missing image
+            file, a non-numeric coordinate (the message gives the CSV line), or no usable row.
     """
     if not os.path.isfile(csv_path):
         raise DatasetError(f"CSV not found: {csv_path}")
     base = os.path.abspath(folder or os.path.dirname(os.path.abspath(csv_path)))
-    with open(csv_path, newline="") as f:
+    try:
+        return _read_records_csv(csv_path, base)
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{csv_path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                           f"{exc.start}); save the CSV as UTF-8") from exc
+
+
+def _read_records_csv(csv_path: str, base: str) -> List[ImageRecord]:
+    # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") is dropped instead of becoming part of
+    # the first column name
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is None:
             raise DatasetError(f"{csv_path}: empty CSV")
@@ -206,6 +220,8 @@ def records_from_csv(csv_path: str, folder: Optional[str] = None) -> List[ImageR
 
         out = []
         skipped = 0
+        first_line: Dict[str, int] = {}
+        duplicates: List[Tuple[int, int]] = []
         for line, row in enumerate(reader, start=2):
             name = (row.get(img_col) or "").strip()
             if not name:
@@ -230,11 +246,21 @@ def records_from_csv(csv_path: str, folder: Optional[str] = None) -> List[ImageR
                 LOG.warning("skipping %s:%d (%s): %s", csv_path, line, name, problem)
                 skipped += 1
                 continue
+            same = os.path.normpath(name)
+            if same in first_line:
+                duplicates.append((line, first_line[same]))
+                continue
+            first_line[same] = line
             rec.frame = int(frame) if frame is not None else rec.frame
             for key in ("place_id", "condition", "sequence"):
                 v = get(row, key)
                 setattr(rec, key, v.strip() if v is not None and v.strip() != "" else None)
             out.append(rec)
+    if duplicates:
+        shown = ", ".join(f"line {d} repeats line {f}" for d, f in duplicates[:5])
+        more = f" and {len(duplicates) - 5} more" if len(duplicates) > 5 else ""
+        LOG.warning("%s: %d duplicate image row(s) ignored, the first listing of each image kept (%s%s)",
+                    csv_path, len(duplicates), shown, more)
     if not out:
         raise DatasetError(f"{csv_path}: no rows" if not skipped else
                            f"{csv_path}: all {skipped} rows skipped (non-finite or out-of-range coordinates)")

@@ -53,8 +53,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import yaml
 
-from vpr_localizer.errors import FingerprintMismatchError, MapError
-from vpr_localizer.files import sha256_file
+from vpr_localizer.errors import FingerprintMismatchError, MapError, WeightsError
+from vpr_localizer.files import sha256_file, torch_load_weights_only
 from vpr_localizer.geodesy import EnuDatum
 from vpr_localizer.mapping.patches import MapPatches, check_patch_config
 
@@ -783,8 +783,6 @@ class VprMap:
         ``rows`` and adds the listed prefix of ``descriptors_tail.f32`` to the index; an append
         interrupted inside its SQLite transaction is rolled back (this needs write access).
         """
-        import torch
-
         from vpr_localizer.mapping.index import load_index
 
         path = os.path.abspath(path)
@@ -878,7 +876,9 @@ class VprMap:
             raise MapError(f"map {path} is inconsistent: {len(keyframes)} keyframes but "
                            f"{index.ntotal} descriptors in the index")
         try:
-            ckpt = torch.load(os.path.join(path, ENCODER_FILE), map_location="cpu", weights_only=True)
+            ckpt = torch_load_weights_only(os.path.join(path, ENCODER_FILE))
+        except WeightsError as exc:  # pickled objects beyond tensors: refused, our own message
+            raise MapError(f"map {path}: {exc}") from exc
         except Exception as exc:
             raise MapError(f"map {path}: cannot read {ENCODER_FILE} ({exc})") from exc
         patches = None

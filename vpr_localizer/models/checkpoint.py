@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from vpr_localizer.errors import WeightsError
+from vpr_localizer.files import torch_load_weights_only
 
 CHECKPOINT_FORMAT = "vpr_localizer.encoder"
 CHECKPOINT_VERSION = 1
@@ -36,12 +37,15 @@ def load_checkpoint(path: str) -> Dict:
     """Load an encoder checkpoint with ``torch.load(weights_only=True)``.
 
     Raises:
-        WeightsError: missing or unreadable file.
+        WeightsError: missing or unreadable file, or one holding pickled objects beyond tensors
+            (refused; :func:`~vpr_localizer.files.refused_pickle_message`).
     """
     if not os.path.isfile(path):
         raise WeightsError(f"encoder checkpoint not found: {path!r}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch_load_weights_only(path)
+    except WeightsError:
+        raise
     except Exception as exc:
         raise WeightsError(f"{path}: cannot load encoder checkpoint ({type(exc).__name__}: {exc})") from exc
 

@@ -37,6 +37,14 @@ def validate_input_size(name: str, size) -> Tuple[int, int]:
     return w, h
 
 
+def _is_int(v) -> bool:
+    """True for an integer value (``bool`` excluded; numpy integers accepted)."""
+    try:
+        return not isinstance(v, bool) and int(v) == v
+    except (TypeError, ValueError, OverflowError):
+        return False
+
+
 @dataclass
 class EncoderConfig:
     """Parameters of an :class:`Encoder` (all plain values, loadable from YAML).
@@ -57,7 +65,8 @@ class EncoderConfig:
         batch_size: images per forward pass.
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:N``.
         kmeans_max_images: images (evenly spaced over the map) sampled for NetVLAD k-means.
-        kmeans_max_features: total local features sampled for k-means (NetVLAD: 50,000).
+        kmeans_max_features: total local features sampled for k-means (NetVLAD: 50,000); raised
+            to ``39 * num_clusters``, the FAISS minimum for K centroids, when that is larger.
         kmeans_iterations: Lloyd iterations.
         seed: random seed for the feature sample and k-means.
         checkpoint: a trained encoder checkpoint (see :meth:`Encoder.save_checkpoint`); when
@@ -74,7 +83,9 @@ class EncoderConfig:
         segmentation_size: the backend's network input (width, height) in pixels.
 
     ``image_size`` and ``segmentation_size`` are checked on construction: each side must be
-    :data:`MIN_INPUT_SIDE` .. :data:`MAX_INPUT_SIDE` pixels, else :class:`ConfigError`.
+    :data:`MIN_INPUT_SIDE` .. :data:`MAX_INPUT_SIDE` pixels, else :class:`ConfigError`; so are
+    ``batch_size`` (an integer >= 1) and ``pca_dim`` (an integer >= 0; 0 = off, a negative value
+    is refused rather than read as "off").
     """
 
     backbone: str = "vgg16"
@@ -102,6 +113,10 @@ class EncoderConfig:
     def __post_init__(self):
         validate_input_size("image_size", self.image_size)
         validate_input_size("segmentation_size", self.segmentation_size)
+        if not _is_int(self.batch_size) or self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size!r}")
+        if not _is_int(self.pca_dim) or self.pca_dim < 0:
+            raise ConfigError(f"pca_dim must be >= 0 (0 = no PCA), got {self.pca_dim!r}")
 
     @property
     def guided(self) -> bool:

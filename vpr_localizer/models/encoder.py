@@ -476,7 +476,8 @@ class Encoder:
         """L2-normalised image-stream local features sampled from up to ``kmeans_max_images`` images.
 
         Images are taken evenly spaced over ``paths``; from each, a random subset of its
-        feature-map locations (``kmeans_max_features / n_images`` of them).
+        feature-map locations (``max(kmeans_max_features, 39 * num_clusters) / n_images`` of them,
+        at most all; :func:`~vpr_localizer.models.fitting.kmeans_sample_target`).
 
         Returns:
             ``(N, C)`` float32.

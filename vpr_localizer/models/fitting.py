@@ -18,9 +18,20 @@ import torch.nn.functional as F
 from vpr_localizer.io.image_files import iter_image_batches
 from vpr_localizer.models.aggregation import kmeans_centroids
 from vpr_localizer.models.guided import StreamFeatures
-from vpr_localizer.models.pca import PCAWhitening
+from vpr_localizer.models.pca import PCAWhitening, regulariser_for
 
 LOG = logging.getLogger(__name__)
+
+#: FAISS k-means warns when it gets fewer than this many training points per centroid
+#: (``faiss.ClusteringParameters.min_points_per_centroid``).
+KMEANS_MIN_POINTS_PER_CENTROID = 39
+
+
+def kmeans_sample_target(config) -> int:
+    """Local features to sample for NetVLAD k-means: ``kmeans_max_features``, raised to
+    ``39 * num_clusters`` (:data:`KMEANS_MIN_POINTS_PER_CENTROID`) so that FAISS gets enough
+    points per centroid whenever the images have that many feature-map locations."""
+    return max(int(config.kmeans_max_features), KMEANS_MIN_POINTS_PER_CENTROID * int(config.num_clusters))
 
 
 def sample_feature_locations(feature_maps: torch.Tensor, per_image: int, rng: np.random.Generator) -> np.ndarray:
@@ -48,7 +59,8 @@ def sample_stream_features(encoder, paths: Sequence[str], progress: Optional[str
     """L2-normalised local features of an encoder's streams, sampled for NetVLAD k-means.
 
     Up to ``kmeans_max_images`` images are taken evenly spaced over ``paths``; from each, a random
-    subset of its feature-map locations (``kmeans_max_features / n_images`` of them, seeded by
+    subset of its feature-map locations (``kmeans_sample_target / n_images`` of them, i.e.
+    ``max(kmeans_max_features, 39 * num_clusters) / n_images``, at most all of them; seeded by
     ``config.seed``); the segmentation stream is sampled at the same images and locations.
 
     Args:
@@ -65,7 +77,7 @@ def sample_stream_features(encoder, paths: Sequence[str], progress: Optional[str
     n = min(len(paths), cfg.kmeans_max_images)
     chosen = np.unique(np.linspace(0, len(paths) - 1, n).round().astype(int)) if n else []
     sub = [paths[i] for i in chosen]
-    per_image = max(1, math.ceil(cfg.kmeans_max_features / max(len(sub), 1)))
+    per_image = max(1, math.ceil(kmeans_sample_target(cfg) / max(len(sub), 1)))
     rng = np.random.default_rng(cfg.seed)
     streams = ("image", "seg") if cfg.guided and cfg.seg_stream else ("image",)
     out = {k: [] for k in streams}
@@ -109,6 +121,12 @@ def init_netvlad_by_kmeans(aggregator, config, samples: Dict[str, Optional[np.nd
         if len(smp) < k:
             raise ValueError(f"NetVLAD k-means needs >= {k} local features; {source} "
                              f"gave {len(smp)} (use larger image_size or smaller num_clusters)")
+        if len(smp) < KMEANS_MIN_POINTS_PER_CENTROID * k:
+            # every feature-map location is already in the sample (kmeans_sample_target); K is kept
+            # because it fixes the descriptor dimension and the map fingerprint
+            LOG.info("NetVLAD (%s stream): only %d local features for K=%d (FAISS wants >= %d, %d per "
+                     "centroid); k-means runs with K=%d anyway: use more or larger images, or fewer clusters",
+                     name, len(smp), k, KMEANS_MIN_POINTS_PER_CENTROID * k, KMEANS_MIN_POINTS_PER_CENTROID, k)
         centroids = kmeans_centroids(smp, k, niter=config.kmeans_iterations, seed=config.seed)
         vlad.init_from_clusters(centroids, smp)
         LOG.info("NetVLAD (%s stream) initialised by k-means: K=%d on %d local features of %s (alpha=%.1f)",
@@ -123,7 +141,8 @@ def fit_pca_whitening(raw: np.ndarray, config) -> Optional[PCAWhitening]:
         config: :class:`~vpr_localizer.models.config.EncoderConfig` (``pca_dim``, ``pca_min_images``).
 
     Returns:
-        The fitted :class:`PCAWhitening` (``min(pca_dim, N - 1)`` dims), or None when disabled
+        The fitted :class:`PCAWhitening` (``min(pca_dim, N - 1)`` dims, regulariser
+        :func:`~vpr_localizer.models.pca.regulariser_for` ``(N)``), or None when disabled
         (``pca_dim`` 0) or when the map has fewer than ``pca_min_images`` images (whitening
         estimated from a handful of descriptors is noise).
     """
@@ -134,6 +153,8 @@ def fit_pca_whitening(raw: np.ndarray, config) -> Optional[PCAWhitening]:
                  len(raw), config.pca_min_images, raw.shape[1] if raw.ndim == 2 else 0)
         return None
     dim = min(config.pca_dim, PCAWhitening.max_dim(len(raw), raw.shape[1]))
-    pca = PCAWhitening.fit(raw, dim)
-    LOG.info("PCA whitening fitted on %d descriptors: %d -> %d dims", len(raw), raw.shape[1], dim)
+    eps = regulariser_for(len(raw))
+    pca = PCAWhitening.fit(raw, dim, eps=eps)
+    LOG.info("PCA whitening fitted on %d descriptors: %d -> %d dims (regulariser %.2g of the largest "
+             "eigenvalue)", len(raw), raw.shape[1], dim, eps)
     return pca

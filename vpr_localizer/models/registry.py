@@ -42,6 +42,9 @@ class BackboneSpec:
         default_preprocessing: name in :data:`~vpr_localizer.models.backbones.PREPROCESSING`.
         default_weights: ``() -> path | None``: a weight file shipped by a Python package.
         reference: the paper.
+        weight_file: conventional file name of the weights in a weights folder
+            (``$VPR_WEIGHTS_DIR`` or ``../shared/weights``; :mod:`vpr_localizer.weights_path`),
+            used when no path is given and no packaged default exists.
     """
 
     name: str
@@ -51,6 +54,7 @@ class BackboneSpec:
     default_preprocessing: str
     default_weights: Callable[[], Optional[str]] = lambda: None
     reference: str = ""
+    weight_file: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -131,13 +135,40 @@ def aggregator_spec(name: str) -> AggregatorSpec:
     return _AGGREGATORS[name]
 
 
+def default_backbone_weights(name: str) -> Optional[str]:
+    """The weight file backbone ``name`` uses when none is given.
+
+    The spec's packaged default first (e.g. EfficientNet-Lite0's), else its conventional
+    :attr:`BackboneSpec.weight_file` in ``$VPR_WEIGHTS_DIR``, then in ``../shared/weights`` beside
+    the repository (:func:`vpr_localizer.weights_path.find_weight_file`).
+
+    Returns:
+        The path, or None when the backbone has neither a packaged default nor a conventional
+        file name.
+
+    Raises:
+        WeightsError: unknown backbone, or the conventional file is in none of the folders (the
+            message lists where it looked).
+    """
+    from vpr_localizer.weights_path import find_weight_file
+
+    spec = backbone_spec(name)
+    packaged = spec.default_weights()
+    if packaged is not None:
+        return packaged
+    if spec.weight_file is None:
+        return None
+    return find_weight_file(spec.weight_file, f"{name} backbone")
+
+
 def build_backbone(name: str, weights: Optional[str] = None,
                    preprocessing: Optional[str] = None) -> backbones.Backbone:
     """Build a backbone and load its weights from a file.
 
     Args:
         name: a registered backbone (:func:`backbone_names`).
-        weights: weight file; ``None`` uses the spec's packaged default (vgg16 has none).
+        weights: weight file; ``None`` uses the spec's packaged default (vgg16 has none; the
+            command line fills in :func:`default_backbone_weights` beforehand).
         preprocessing: ``caffe_bgr`` | ``torchvision`` | ``efficientnet_lite``; ``None`` uses the
             backbone's default (``caffe_bgr`` for vgg16, matching
             ``vgg16_features_imagenet_caffe_bgr.pth``; use ``torchvision`` for a torchvision
@@ -167,7 +198,8 @@ def build_backbone(name: str, weights: Optional[str] = None,
 
 register_backbone(BackboneSpec(
     "vgg16", backbones.build_vgg16_body, 512, 16, "caffe_bgr",
-    reference="Simonyan & Zisserman, ICLR 2015, cut at conv5_3 as in NetVLAD (Arandjelovic et al., CVPR 2016)"))
+    reference="Simonyan & Zisserman, ICLR 2015, cut at conv5_3 as in NetVLAD (Arandjelovic et al., CVPR 2016)",
+    weight_file="vgg16_features_imagenet_caffe_bgr.pth"))
 register_backbone(BackboneSpec(
     "efficientnet_lite0", backbones.build_efficientnet_lite0_body, 1280, 32, "efficientnet_lite",
     default_weights=backbones.efficientnet_lite0_packaged_weights,

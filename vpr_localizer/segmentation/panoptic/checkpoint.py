@@ -20,7 +20,7 @@ from torch import nn
 
 from vpr_localizer.device import resolve_device
 from vpr_localizer.errors import WeightsError
-from vpr_localizer.files import check_strict_state_dict
+from vpr_localizer.files import check_strict_state_dict, torch_load_weights_only
 from vpr_localizer.segmentation.panoptic.model import PIXEL_MEAN, PIXEL_STD, PanopticDeepLab
 
 
@@ -48,7 +48,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 
 def _read_raw(path: str):
     if zipfile.is_zipfile(path):  # torch.save format
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch_load_weights_only(path)
     obj = None
     with open(path, "rb") as fh:
         try:
@@ -60,7 +60,7 @@ def _read_raw(path: str):
     if isinstance(obj, dict):  # detectron2 .pkl
         return obj
     # torch's legacy (non-zip) format starts with a pickled magic number, not a dict
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return torch_load_weights_only(path)
 
 
 def read_checkpoint(path: str | os.PathLike) -> Dict[str, torch.Tensor]:
@@ -78,6 +78,8 @@ def read_checkpoint(path: str | os.PathLike) -> Dict[str, torch.Tensor]:
         raise WeightsError(f"Panoptic-DeepLab weight file not found: {path!r}")
     try:
         obj = _read_raw(path)
+    except WeightsError:
+        raise
     except Exception as exc:
         raise WeightsError(f"{path}: cannot load Panoptic-DeepLab weights ({type(exc).__name__}: {exc})") from exc
     if isinstance(obj, dict):
