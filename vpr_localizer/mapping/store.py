@@ -688,6 +688,19 @@ def _write_and_swap(path, tmp, old, keyframes, index, encoder_checkpoint, finger
         LOG.warning("cannot remove the previous map %s: %s", old, exc)
 
 
+#: Attempts of :meth:`VprMap.load` when ``map.yaml`` is replaced while it reads.
+LOAD_ATTEMPTS = 5
+
+
+def _meta_stamp(meta_path: str):
+    """``(inode, mtime_ns, size)`` of ``map.yaml`` (None when missing): changes on every replace."""
+    try:
+        st = os.stat(meta_path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 class VprMap:
     """A loaded map (read-only).
 
@@ -782,7 +795,25 @@ class VprMap:
         A map that grew by appends (module doc) loads the keyframes with ids below the listed
         ``rows`` and adds the listed prefix of ``descriptors_tail.f32`` to the index; an append
         interrupted inside its SQLite transaction is rolled back (this needs write access).
+
+        A live ``map_builder`` may replace ``map.yaml`` while this reads the files it lists; a
+        failed load whose ``map.yaml`` changed meanwhile is retried (up to
+        :data:`LOAD_ATTEMPTS` times), so a reader never reports a healthy growing map as corrupt.
         """
+        meta_path = os.path.join(os.path.abspath(path), MAP_YAML)
+        for attempt in range(LOAD_ATTEMPTS):
+            before = _meta_stamp(meta_path)
+            try:
+                return cls._load_once(path, verify_hashes)
+            except MapError:
+                if attempt + 1 < LOAD_ATTEMPTS and _meta_stamp(meta_path) != before:
+                    continue  # a writer replaced map.yaml while we read: read the new version
+                raise
+        raise AssertionError("unreachable")
+
+    @classmethod
+    def _load_once(cls, path: str, verify_hashes: bool = True) -> "VprMap":
+        """One attempt of :meth:`load` (same arguments and errors)."""
         from vpr_localizer.mapping.index import load_index
 
         path = os.path.abspath(path)
