@@ -260,3 +260,15 @@ def test_calibration_images_from_map_or_folder(netvlad, lund):
         calibration_paths(gone, 4)
     with pytest.raises(ConfigError, match=">= 1"):
         calibration_paths(netvlad.vmap, 0)
+
+
+def test_tensorrt_gets_fp16_option_only_when_asked():
+    from vpr_localizer.models.onnx_runtime import choose_providers, provider_options
+
+    avail = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    chosen = choose_providers("cuda", available=avail)
+    assert chosen == avail
+    assert provider_options(chosen, fp16=True) == [("TensorrtExecutionProvider", {"trt_fp16_enable": True}),
+                                                   "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert provider_options(chosen, fp16=False) == avail
+    assert provider_options(choose_providers("cpu", available=avail)) == ["CPUExecutionProvider"]

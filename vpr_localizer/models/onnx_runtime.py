@@ -113,6 +113,24 @@ def load_sidecar(onnx_path: str) -> Dict:
     return meta
 
 
+def provider_options(providers: Sequence[str], fp16: bool = True) -> List:
+    """``providers`` as ONNX Runtime session providers with their options: with ``fp16``, the
+    TensorRT provider builds its engines in half precision (``trt_fp16_enable``; TensorRT keeps
+    layers that need it in fp32). The CUDA and CPU providers run the graph in its own precision
+    (an fp32 export stays fp32 there).
+
+    Returns:
+        A list of names or ``(name, options)`` tuples, the same order.
+    """
+    out: List = []
+    for p in providers:
+        if p == "TensorrtExecutionProvider" and fp16:
+            out.append((p, {"trt_fp16_enable": True}))
+        else:
+            out.append(p)
+    return out
+
+
 class OnnxEncoder:
     """Image -> global descriptor through an exported ONNX encoder and ONNX Runtime.
 
@@ -122,6 +140,7 @@ class OnnxEncoder:
         batch_size: images per session run.
         threads: ONNX Runtime intra-op threads (0 = its default).
         verify_hash: check the ``.onnx`` file's SHA-256 against the sidecar.
+        fp16: half precision on a GPU through TensorRT (:func:`provider_options`); no effect on CPU.
 
     Attributes:
         sidecar: the parsed sidecar.
@@ -138,7 +157,7 @@ class OnnxEncoder:
     """
 
     def __init__(self, onnx_path: str, device: str = "auto", batch_size: int = 8, threads: int = 0,
-                 verify_hash: bool = True):
+                 verify_hash: bool = True, fp16: bool = True):
         import onnxruntime
 
         self.path = os.path.abspath(os.fspath(onnx_path))
@@ -164,7 +183,7 @@ class OnnxEncoder:
             opts.intra_op_num_threads = int(threads)
         try:
             self.session = onnxruntime.InferenceSession(self.path, sess_options=opts,
-                                                        providers=choose_providers(device))
+                                                        providers=provider_options(choose_providers(device), fp16))
         except ConfigError:
             raise
         except Exception as exc:  # onnxruntime raises its own exception types
