@@ -32,6 +32,8 @@ def message_class(msgtype: str):
 
 
 SENSOR_TYPES = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage")
+#: Longest wait of a reliable replay for its image publishers to match a subscriber, s.
+MATCH_TIMEOUT_S = 15.0
 
 
 @dataclass
@@ -57,7 +59,9 @@ def replay_bag(node, bag_path: str, rate: float = 1.0, topics: Optional[Sequence
         stop: set this event to stop early.
         start_delay_s: wait this long after creating the publishers (lets subscribers match).
         reliable: publish image topics reliable (depth 10) too, for lossless replay into
-            subscribers whose ``qos_overrides`` ask for reliability (see ``qos.sensor_subscription``).
+            subscribers whose ``qos_overrides`` ask for reliability (see ``qos.sensor_subscription``);
+            the replay then also waits (up to :data:`MATCH_TIMEOUT_S`) until every image publisher
+            has matched a subscriber, so no frame is sent into the void on a loaded machine.
 
     Image topics are published with sensor-data QoS (best effort: frames may be lost under load,
     as from a real camera) unless ``reliable``; everything else reliable.
@@ -82,6 +86,13 @@ def replay_bag(node, bag_path: str, rate: float = 1.0, topics: Optional[Sequence
             classes[c.topic] = message_class(c.msgtype)
             qos = sensor_qos(depth=5) if c.msgtype in SENSOR_TYPES and not reliable else reliable_qos()
             pubs[c.topic] = node.create_publisher(classes[c.topic], remap.get(c.topic, c.topic), qos)
+        if reliable:  # lossless replay: a message sent before its subscriber matched is lost for good
+            sensors = [pubs[c.topic] for c in conns if c.msgtype in SENSOR_TYPES]
+            deadline = time.monotonic() + MATCH_TIMEOUT_S
+            while time.monotonic() < deadline and any(p.get_subscription_count() < 1 for p in sensors):
+                if stop is not None and stop.is_set():
+                    break
+                time.sleep(0.02)  # polling rclpy's match state (no event for it in rclpy)
         if start_delay_s > 0:
             time.sleep(start_delay_s)
         t_wall0 = time.monotonic()
