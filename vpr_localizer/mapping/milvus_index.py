@@ -59,6 +59,7 @@ import numpy as np
 
 from vpr_localizer.errors import FingerprintMismatchError, MapError
 from vpr_localizer.mapping.box_search import check_box
+from vpr_localizer.mapping.fingerprint import fingerprint_diffs
 from vpr_localizer.mapping.index import _check_matrix
 
 LOG = logging.getLogger(__name__)
@@ -152,20 +153,6 @@ def box_filter_expr(box: Sequence[float]) -> str:
     """
     xmin, xmax, ymin, ymax = check_box(box)
     return f"x >= {xmin!r} and x <= {xmax!r} and y >= {ymin!r} and y <= {ymax!r}"
-
-
-def fingerprint_diffs(stored: Dict, expected: Dict) -> List[str]:
-    """``key: map A vs encoder B`` for every field that differs (SHA-256 values shortened to 12
-    characters), as :meth:`VprMap.check_fingerprint` words them."""
-    diffs = []
-    for key in sorted(set(stored) | set(expected)):
-        a, b = stored.get(key), expected.get(key)
-        if a != b:
-            sa, sb = str(a), str(b)
-            if key.endswith("sha256"):
-                sa, sb = sa[:12], sb[:12]
-            diffs.append(f"{key}: map {sa} vs encoder {sb}")
-    return diffs
 
 
 def _canonical(value) -> Any:

@@ -54,6 +54,7 @@ import numpy as np
 import yaml
 
 from vpr_localizer.errors import FingerprintMismatchError, MapError, WeightsError
+from vpr_localizer.mapping.fingerprint import fingerprint_diffs
 from vpr_localizer.files import sha256_file, torch_load_weights_only
 from vpr_localizer.geodesy import EnuDatum
 from vpr_localizer.mapping.patches import MapPatches, check_patch_config
@@ -922,15 +923,7 @@ class VprMap:
 
         The message lists each differing field (e.g. ``weights_sha256: map 73cf.. vs encoder 5a1f..``).
         """
-        mine = self.fingerprint
-        diffs = []
-        for key in sorted(set(mine) | set(fingerprint)):
-            a, b = mine.get(key), fingerprint.get(key)
-            if a != b:
-                sa, sb = str(a), str(b)
-                if key.endswith("sha256"):
-                    sa, sb = sa[:12], sb[:12]
-                diffs.append(f"{key}: map {sa} vs encoder {sb}")
+        diffs = fingerprint_diffs(self.fingerprint, fingerprint)
         if diffs:
             raise FingerprintMismatchError(f"map {self.path} was built with a different encoder ("
                                            + "; ".join(diffs) + ")")
