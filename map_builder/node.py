@@ -762,8 +762,9 @@ class MapBuilderNode(WorkerNode):
             datum = None if self.datum is None else {"lat": float(self.datum.lat), "lon": float(self.datum.lon),
                                                      "alt": float(self.datum.alt)}
             try:
+                # the encoder travels with the collection, so `vpr-localizer map-import` can rebuild a map
                 idx = MilvusIndex.create(client, p.collection, int(self.encoder.dim), self._fingerprint, datum=datum,
-                                         source_map=self.map_path, uri=p.milvus_uri)
+                                         source_map=self.map_path, uri=p.milvus_uri, encoder_checkpoint=self._ckpt)
                 self.get_logger().info(f"created milvus collection {p.collection!r} at {p.milvus_uri}")
                 return idx
             except MapError:

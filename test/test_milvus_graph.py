@@ -281,3 +281,67 @@ def test_mapper_appends_and_localizer_finds_it(lund, milvus, ros_env, tmp_path, 
     assert [(r["robot_id"], r["keyframe_id"]) for r in robot_loops] == [("robot_a", 14), ("robot_a", 15)]
     assert all(r["score"] > 0.99 and r["query_stamp"] >= 2000.0 for r in robot_loops)
     idx.close()
+
+
+def test_mapper_created_collection_imports_as_a_map(lund, milvus, ros_env, tmp_path, vgg_path):
+    """map_builder creates a new collection (it carries the encoder checkpoint), maps two frames;
+    ``import_milvus_to_map`` rebuilds a map directory equal to the node's own map: same
+    keyframe positions, bit-identical descriptors, same encoder fingerprint."""
+    import yaml
+    from sensor_msgs.msg import Image, NavSatFix, NavSatStatus
+    from std_msgs.msg import Header
+
+    from vpr_localizer.io.image_files import load_image
+    from vpr_localizer.mapping.milvus_index import MilvusIndex, import_milvus_to_map, map_descriptors
+    from vpr_localizer.mapping.store import VprMap
+    from vpr_ros.convert import rgb_to_image_msg, sec_to_stamp
+    from vpr_ros.graph import Graph
+    from vpr_ros.qos import reliable_qos
+
+    qos = {t: {"subscription": {"reliability": "reliable", "depth": 10}} for t in ("/image", "/fix")}
+    own_map = tmp_path / "robot_a_map"
+    doc = {"map_builder": {"ros__parameters": {
+        "map_path": str(own_map), "position_source": "fix", "keyframe_distance": 2.0, "position_wait_s": 2.0,
+        "flush_interval_s": 0.0, "milvus_uri": milvus["db"], "collection": "robot_a_new", "robot_id": "robot_a",
+        "qos_overrides": qos,
+        "encoder": {"backbone": "vgg16", "weights": str(vgg_path), "image_size": [160, 120], "num_clusters": 16,
+                    "pca_dim": 0, "device": "cpu", "batch_size": 1, "checkpoint": f"{lund.map}/encoder.pt"}}}}
+    params = tmp_path / "mapper.yaml"
+    params.write_text(yaml.safe_dump(doc))
+    assert not milvus["client"].has_collection("robot_a_new")
+    graph = Graph(str(params), names=["map_builder"])
+    probe = None
+    try:
+        probe = graph_probe(graph)
+        mapper = graph.node("map_builder")
+        pub_img = probe.node.create_publisher(Image, "image", reliable_qos())
+        pub_fix = probe.node.create_publisher(NavSatFix, "fix", reliable_qos())
+        assert wait_for(lambda: min(p.get_subscription_count() for p in (pub_img, pub_fix)) >= 1, timeout=15.0)
+        for n, i in enumerate((3, 10)):
+            rec, t = lund.records[i], 3000.0 + 10 * n
+            fix = NavSatFix(header=Header(stamp=sec_to_stamp(t), frame_id="gps"), latitude=rec.lat,
+                            longitude=rec.lon, altitude=rec.alt)
+            fix.status.status = NavSatStatus.STATUS_FIX
+            pub_fix.publish(fix)
+            assert wait_for(lambda: mapper.positions.newest() is not None
+                            and mapper.positions.newest().stamp == t, timeout=10.0), "fix"
+            pub_img.publish(rgb_to_image_msg(load_image(rec.path), Header(stamp=sec_to_stamp(t), frame_id="camera")))
+            assert wait_for(lambda: len(mapper.milvus_ids) == n + 1, timeout=30.0), \
+                f"keyframe {n} not appended ({mapper.worker.stats}, {mapper.milvus_errors} milvus errors)"
+        assert mapper.milvus_ids == [0, 1]
+    finally:
+        if probe is not None:
+            probe.close()
+        graph.shutdown()
+    idx = MilvusIndex.open(milvus["client"], "robot_a_new", None, uri=milvus["db"])
+    assert idx.has_encoder_checkpoint()
+    idx.close()
+    out = import_milvus_to_map(milvus["client"], "robot_a_new", str(tmp_path / "imported"))
+    assert out["rows"] == 2 and not out["renumbered"]
+    imported, own = VprMap.load(out["map"]), VprMap.load(str(own_map))
+    assert imported.fingerprint == own.fingerprint
+    assert len(imported) == len(own) == 2
+    np.testing.assert_array_equal(map_descriptors(imported.index), map_descriptors(own.index))
+    for a, b in zip(imported.keyframes, own.keyframes):
+        assert (a.id, a.stamp) == (b.id, b.stamp)
+        np.testing.assert_allclose([a.x, a.y, a.z, a.lat, a.lon], [b.x, b.y, b.z, b.lat, b.lon], rtol=0, atol=1e-9)

@@ -5,13 +5,24 @@ One map is built per module through ``vpr-localizer build-map`` from the 14 even
 exported to a milvus-lite collection and checked against FAISS flat: the same top-k ids and
 scores (1e-5), the same localisations, the fingerprint check, box-restricted search on both
 backends, persistence across clients, other Milvus index types and the ``map-export`` CLI.
+
+Round trip (``import_milvus_to_map`` / ``map-import``): map directory -> collection -> map
+directory gives the same keyframes (every field, NaN kept), descriptors, encoder checkpoint,
+fingerprint, datum and localisations, on the Lund map (GPS, datum, NaN stamps) and on a
+Gardens Point night map (place / sequence / condition tags, NaN positions, no datum); a fleet
+collection with gaps or a robot filter is renumbered; a tampered or incomplete encoder
+checkpoint is refused.
 """
 from __future__ import annotations
 
+import base64
 import contextlib
 import copy
+import dataclasses
 import io
 import json
+import logging
+import math
 import shutil
 from types import SimpleNamespace
 
@@ -25,8 +36,10 @@ from vpr_localizer.errors import FingerprintMismatchError, MapError  # noqa: E40
 from vpr_localizer.localization.localize import Localizer, encoder_for_map  # noqa: E402
 from vpr_localizer.mapping.box_search import inside_box, search_near  # noqa: E402
 from vpr_localizer.mapping.index import search  # noqa: E402
-from vpr_localizer.mapping.milvus_index import (MilvusIndex, box_filter_expr, connect,  # noqa: E402
-                                                export_map_to_milvus, map_descriptors, use_milvus_index)
+from vpr_localizer.mapping.milvus_index import (ENCODER_CHUNK_BYTES, MilvusIndex, box_filter_expr,  # noqa: E402
+                                                connect, drop_map_collection, encoder_collection_name,
+                                                export_map_to_milvus, import_milvus_to_map,
+                                                map_descriptors, use_milvus_index)
 from vpr_localizer.mapping.store import VprMap  # noqa: E402
 
 MAP_FRAMES = tuple(range(2, 30, 2))
@@ -122,9 +135,11 @@ def test_stored_rows_equal_the_map(lund, exported):
     np.testing.assert_array_equal(rows["id"], np.arange(len(MAP_FRAMES)))
     np.testing.assert_array_equal(rows["descriptor"], map_descriptors(lund.vmap.index))
     pos = lund.vmap.positions
-    np.testing.assert_array_equal(rows["x"], pos[:, 0].astype(np.float32))
-    np.testing.assert_array_equal(rows["y"], pos[:, 1].astype(np.float32))
-    np.testing.assert_array_equal(rows["lat"], [k.lat for k in lund.vmap.keyframes])
+    np.testing.assert_array_equal(rows["x"], pos[:, 0])  # DOUBLE columns: exact
+    np.testing.assert_array_equal(rows["y"], pos[:, 1])
+    for name in ("stamp", "z", "qx", "qy", "qz", "qw", "lat", "lon", "alt", "frame", "image_path"):
+        np.testing.assert_array_equal(rows[name], [getattr(k, name) for k in lund.vmap.keyframes])
+    assert np.isnan(rows["stamp"]).all() and (rows["frame"] == MAP_FRAMES).all()
     assert set(rows["robot_id"]) == {"robot_a"}
     assert exported.fingerprint == json.loads(json.dumps(lund.vmap.fingerprint))
     assert exported.datum["lat"] == pytest.approx(lund.vmap.datum.lat)
@@ -232,3 +247,192 @@ def test_map_export_cli(lund, client, capsys):
     assert main([str(a) for a in argv + ["--overwrite"]]) == 0
     idx = MilvusIndex.open(client, "lund_cli", lund.fingerprint)
     assert idx.ntotal == len(MAP_FRAMES) and set(idx.fetch(with_descriptors=False)["robot_id"]) == {"r2"}
+
+
+# ---------------------------------------------------------------------------------------------
+# map directory -> collection -> map directory
+# ---------------------------------------------------------------------------------------------
+
+def _same_value(a, b) -> bool:
+    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+
+
+def assert_same_keyframes(got, want):
+    """Every field of every keyframe equal (NaN == NaN), types included."""
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        for f in dataclasses.fields(w):
+            a, b = getattr(g, f.name), getattr(w, f.name)
+            assert type(a) is type(b) and _same_value(a, b), (w.id, f.name, a, b)
+
+
+def assert_same_checkpoint(a, b, path="ckpt"):
+    import torch
+
+    if isinstance(b, dict):
+        assert isinstance(a, dict) and sorted(a) == sorted(b), path
+        for key in b:
+            assert_same_checkpoint(a[key], b[key], f"{path}.{key}")
+    elif isinstance(b, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_checkpoint(x, y, f"{path}[{i}]")
+    elif isinstance(b, torch.Tensor):
+        assert isinstance(a, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), path
+    else:
+        assert type(a) is type(b) and _same_value(a, b), path
+
+
+def test_round_trip_lund_map_identical(lund, client, tmp_path, datasets_dir, data_file):
+    export_map_to_milvus(lund.map_dir, client, "lund_rt", robot_id="robot_a").close()
+    info = import_milvus_to_map(client, "lund_rt", tmp_path / "imported")
+    assert info["rows"] == len(MAP_FRAMES) and info["renumbered"] is False and info["dim"] == lund.vmap.index.d
+    back = VprMap.load(str(tmp_path / "imported"))  # sizes + SHA-256 of every file checked
+    orig = lund.vmap
+    assert_same_keyframes(back.keyframes, orig.keyframes)
+    assert back.keyframes[0].frame == 2 and math.isnan(back.keyframes[0].stamp) and back.keyframes[0].alt == 38.0
+    np.testing.assert_array_equal(map_descriptors(back.index), map_descriptors(orig.index))
+    assert type(back.index).__name__ == "IndexFlatIP"
+    assert back.fingerprint == orig.fingerprint
+    assert back.datum == orig.datum and back.meta["build"] == orig.meta["build"]
+    assert back.meta["milvus_import"]["collection"] == "lund_rt"
+    assert_same_checkpoint(back.encoder_checkpoint, orig.encoder_checkpoint)
+    # identical top-k and localisations (same vectors in an exact index: bit-identical scores)
+    k = len(MAP_FRAMES)
+    s_o, i_o = Localizer(orig).retrieve(lund.queries, k)
+    s_b, i_b = Localizer(back).retrieve(lund.queries, k)
+    np.testing.assert_array_equal(i_b, i_o)
+    np.testing.assert_array_equal(s_b, s_o)
+    for a, b in zip(Localizer(orig).localize(lund.queries), Localizer(back).localize(lund.queries)):
+        assert json.dumps(a.as_dict()) == json.dumps(b.as_dict())
+    # the imported map needs no other file: its encoder (from the collection) encodes as the original
+    paths = [str(data_file(datasets_dir / "lund_gps" / f"{i:02d}.jpg")) for i in QUERY_FRAMES[:3]]
+    enc = encoder_for_map(back, device="cpu")
+    assert enc.fingerprint() == lund.fingerprint
+    np.testing.assert_allclose(enc.encode_paths(paths).descriptors, lund.queries[:3], rtol=0, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def gardens_map(tmp_path_factory, datasets_dir, vgg_path):
+    """Gardens Point night map (6 keyframes with place / sequence / condition tags, no positions)."""
+    gp = datasets_dir / "gardens_point_mini"
+    out = tmp_path_factory.mktemp("gardens_milvus") / "map"
+    with contextlib.redirect_stdout(io.StringIO()):
+        rc = main([str(a) for a in ["build-map", "--images", gp, "--csv", gp / "manifest.csv", "--condition",
+                                    "night", "--out", out, "--weights", vgg_path, "--image-size", 160, 96,
+                                    "--clusters", 16, "--device", "cpu"]])
+    assert rc == 0
+    return VprMap.load(str(out))
+
+
+def test_round_trip_tagged_map_and_fleet_renumbering(gardens_map, lund, client, tmp_path, caplog):
+    orig = gardens_map
+    assert [k.condition for k in orig.keyframes] == ["night"] * 6
+    assert [k.place_id for k in orig.keyframes] == ["0", "1", "2", "3", "8", "9"]
+    assert all(math.isnan(k.x) for k in orig.keyframes) and orig.datum is None
+    idx = export_map_to_milvus(orig, client, "gardens_fleet", robot_id="robot_g")
+    import_milvus_to_map(client, "gardens_fleet", tmp_path / "plain")
+    back = VprMap.load(str(tmp_path / "plain"))
+    assert_same_keyframes(back.keyframes, orig.keyframes)
+    np.testing.assert_array_equal(map_descriptors(back.index), map_descriptors(orig.index))
+    assert back.datum is None and back.fingerprint == orig.fingerprint
+    assert_same_checkpoint(back.encoder_checkpoint, orig.encoder_checkpoint)
+    q = map_descriptors(orig.index)[::-1].copy()
+    np.testing.assert_array_equal(Localizer(back).retrieve(q, 6)[1], Localizer(orig).retrieve(q, 6)[1])
+
+    # VARCHAR limits are bytes: a 1025-byte tag (513 two-byte characters) is refused, nothing inserted
+    with pytest.raises(ValueError, match="place_id longer than 1024 bytes"):
+        idx.add(map_descriptors(orig.index)[:1], [dataclasses.replace(orig.keyframes[0], id=50, place_id="é" * 513)])
+    assert idx.refresh() == 6
+    # a second robot appends 3 keyframes with ids 100..102: gaps, and a robot filter
+    x_b = map_descriptors(orig.index)[:3]
+    kf_b = [dataclasses.replace(k, sequence="robot_b_run") for k in orig.keyframes[:3]]
+    idx.add(x_b, kf_b, ids=[100, 101, 102], robot_id="robot_b")
+    idx.close()
+    caplog.set_level(logging.WARNING, logger="vpr_localizer.mapping.milvus_index")
+    info = import_milvus_to_map(client, "gardens_fleet", tmp_path / "all")
+    assert info["rows"] == 9 and info["renumbered"] is True
+    assert "gaps in the collection's ids" in caplog.text and "renumbered 0..8" in caplog.text
+    all_kf = VprMap.load(str(tmp_path / "all")).keyframes
+    assert [k.id for k in all_kf] == list(range(9))
+    assert_same_keyframes(all_kf[:6], orig.keyframes)
+    assert_same_keyframes(all_kf[6:], [dataclasses.replace(k, id=6 + i) for i, k in enumerate(kf_b)])
+    caplog.clear()
+    info = import_milvus_to_map(client, "gardens_fleet", tmp_path / "robot_b", robot_id="robot_b")
+    assert info["rows"] == 3 and info["renumbered"] is True and "robot_id 'robot_b' filter" in caplog.text
+    rb = VprMap.load(str(tmp_path / "robot_b"))
+    assert_same_keyframes(rb.keyframes, [dataclasses.replace(k, id=i) for i, k in enumerate(kf_b)])
+    np.testing.assert_array_equal(map_descriptors(rb.index), x_b)
+    with pytest.raises(MapError, match="no keyframes of robot 'robot_z'"):
+        import_milvus_to_map(client, "gardens_fleet", tmp_path / "none", robot_id="robot_z")
+    assert not (tmp_path / "none").exists()
+
+
+def _one_line_map_error(fn) -> str:
+    with pytest.raises(MapError) as err:
+        fn()
+    msg = str(err.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_tampered_or_missing_encoder_refused(lund, client, tmp_path):
+    name = "lund_tamper"
+    comp = encoder_collection_name(name)
+    idx = export_map_to_milvus(lund.vmap, client, name)
+    n_chunks = int(idx.properties["vpr.encoder_chunks"])
+    size = int(idx.properties["vpr.encoder_bytes"])
+    assert n_chunks == -(-size // ENCODER_CHUNK_BYTES) >= 2  # the Lund checkpoint spans several chunks
+    assert client.has_collection(comp)
+    out = tmp_path / "map"
+    # one byte of chunk 1 changed (base64 still valid): the SHA-256 check refuses it
+    row = client.get(comp, ids=[1], output_fields=["chunk", "dummy", "data"])[0]
+    raw = bytearray(base64.b64decode(row["data"]))
+    raw[100] ^= 0xFF
+    client.upsert(comp, [{"chunk": 1, "dummy": [0.0, 0.0], "data": base64.b64encode(bytes(raw)).decode()}])
+    msg = _one_line_map_error(lambda: import_milvus_to_map(client, name, out))
+    assert f"encoder checkpoint corrupt in {comp!r}" in msg and f"{size} bytes" in msg
+    # a chunk removed: incomplete
+    client.delete(comp, ids=[n_chunks - 1])
+    msg = _one_line_map_error(lambda: import_milvus_to_map(client, name, out))
+    assert "encoder checkpoint incomplete" in msg and f"missing [{n_chunks - 1}]" in msg
+    # the companion collection dropped: missing
+    client.drop_collection(comp)
+    msg = _one_line_map_error(lambda: import_milvus_to_map(client, name, out))
+    assert f"no companion collection {comp!r}" in msg
+    assert not out.exists()
+    # a collection made without a checkpoint (as map_builder does) cannot be imported
+    MilvusIndex.create(client, "no_encoder", 8, lund.fingerprint).close()
+    msg = _one_line_map_error(lambda: import_milvus_to_map(client, "no_encoder", out))
+    assert "holds no encoder checkpoint" in msg
+    # overwrite re-creates the companion; drop_map_collection drops both
+    export_map_to_milvus(lund.vmap, client, name, overwrite=True).close()
+    assert client.has_collection(comp)
+    import_milvus_to_map(client, name, out)
+    assert drop_map_collection(client, name) is True
+    assert not client.has_collection(name) and not client.has_collection(comp)
+
+
+def test_map_import_cli(lund, client, tmp_path, capsys):
+    export_map_to_milvus(lund.vmap, client, "lund_import_cli", robot_id="r9").close()
+    out = tmp_path / "from_milvus"
+    argv = ["map-import", "--milvus-uri", lund.db, "--collection", "lund_import_cli", "--out", out]
+    assert main([str(a) for a in argv]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["rows"] == len(MAP_FRAMES) and line["map"] == str(out) and line["renumbered"] is False
+    assert_same_keyframes(VprMap.load(str(out)).keyframes, lund.vmap.keyframes)
+    assert main([str(a) for a in argv]) == 2  # the map exists: refused, one line
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0] == f"vpr-localizer map-import: error: map already exists: {out} (use --overwrite)"
+    assert main([str(a) for a in argv + ["--overwrite", "--robot-id", "r9"]]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["robot_id"] == "r9"
+    assert main([str(a) for a in ["map-import", "--milvus-uri", lund.db, "--collection", "nope", "--out",
+                                  tmp_path / "x"]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'nope'" in err[0] and "not found" in err[0]
+    missing_db = tmp_path / "missing.db"
+    assert main([str(a) for a in ["map-import", "--milvus-uri", missing_db, "--collection", "lund", "--out",
+                                  tmp_path / "y"]]) == 2
+    assert capsys.readouterr().err.strip() == (f"vpr-localizer map-import: error: milvus-lite database not found: "
+                                               f"{missing_db}")
+    assert not missing_db.exists() and not (tmp_path / "y").exists()

@@ -1,12 +1,17 @@
-"""``vpr-localizer map-export``: copy a map directory into a Milvus collection.
+"""``vpr-localizer map-export`` / ``map-import``: map directory <-> Milvus collection.
 
     vpr-localizer map-export --map DIR --milvus-uri FILE.db --collection NAME
         [--robot-id R] [--index-type FLAT|IVF_FLAT|IVF_SQ8|IVF_PQ|HNSW|HNSW_SQ|AUTOINDEX]
         [--index-param nlist=64 ...] [--overwrite]
+    vpr-localizer map-import --milvus-uri FILE.db --collection NAME --out DIR
+        [--robot-id R] [--overwrite]
 
 ``--milvus-uri`` is a milvus-lite database file (``*.db``, created when missing) or a Milvus
-server (``http://host:19530``); milvus-lite builds every index type but IVF_PQ.  Prints one JSON
-line: collection, uri, rows, dim, index type.
+server (``http://host:19530``); milvus-lite builds every index type but IVF_PQ.  map-export
+copies the descriptors, every keyframe field, the encoder fingerprint, datum and the encoder
+checkpoint (companion collection ``NAME__encoder``); map-import writes them back as a map
+directory (exact FAISS flat index; ``--robot-id`` keeps one robot's keyframes, renumbered).
+Each prints one JSON line.
 """
 from __future__ import annotations
 
@@ -54,6 +59,19 @@ def add_map_export_parser(sub) -> argparse.ArgumentParser:
     return m
 
 
+def add_map_import_parser(sub) -> argparse.ArgumentParser:
+    """Register the ``map-import`` subcommand on an argparse subparsers object."""
+    m = sub.add_parser("map-import", help="write a map directory from a Milvus (milvus-lite) collection",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    m.add_argument("--milvus-uri", required=True, help="milvus-lite file (*.db) or http://host:19530")
+    m.add_argument("--collection", required=True, help="map collection to read")
+    m.add_argument("--out", required=True, help="map directory to write")
+    m.add_argument("--robot-id", default=None, help="import only this robot's keyframes (renumbered 0..N-1)")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing map directory at --out")
+    m.set_defaults(func=run_map_import)
+    return m
+
+
 def run_map_export(args) -> int:
     """Execute ``map-export``; returns the exit status (0).
 
@@ -71,4 +89,27 @@ def run_map_export(args) -> int:
                           "index_type": idx.index_type, "map": args.map}))
     finally:
         idx.close()
+    return 0
+
+
+def run_map_import(args) -> int:
+    """Execute ``map-import``; prints one JSON line (map, rows, dim, collection, uri, robot_id,
+    renumbered) and returns the exit status (0).
+
+    Raises:
+        MapError: ``--out`` exists without ``--overwrite`` (or is not a map directory), no such
+            collection, no encoder checkpoint stored / tampered, no rows for ``--robot-id``,
+            Milvus or write errors.
+    """
+    import os
+
+    from vpr_localizer.mapping.milvus_index import import_milvus_to_map
+
+    uri = args.milvus_uri
+    if uri.endswith(".db") and not os.path.exists(uri):  # milvus-lite would create an empty database
+        from vpr_localizer.errors import MapError
+
+        raise MapError(f"milvus-lite database not found: {uri}")
+    info = import_milvus_to_map(uri, args.collection, args.out, overwrite=args.overwrite, robot_id=args.robot_id)
+    print(json.dumps(info))
     return 0
