@@ -37,6 +37,26 @@ def validate_input_size(name: str, size) -> Tuple[int, int]:
     return w, h
 
 
+def _check_input_multiple(backbone: str, w: int, h: int) -> None:
+    """Refuse an ``image_size`` the backbone cannot take (e.g. a ViT with 14-px patches needs both
+    sides to be multiples of 14; :attr:`~vpr_localizer.models.registry.BackboneSpec.input_multiple`).
+
+    Unknown backbone names pass here; building the encoder reports them.
+
+    Raises:
+        ConfigError: a side is not a multiple (the message suggests the nearest valid size).
+    """
+    from vpr_localizer.models import registry  # lazy: the registry imports torch and the model modules
+
+    if backbone not in registry.backbone_names():
+        return
+    m = int(registry.backbone_spec(backbone).input_multiple)
+    if m > 1 and (w % m or h % m):
+        near = [max(m, int(round(v / m)) * m) for v in (w, h)]
+        raise ConfigError(f"image_size {w} x {h} does not fit backbone {backbone}: both sides must be "
+                          f"multiples of {m} px (e.g. --image-size {near[0]} {near[1]})")
+
+
 def _is_int(v) -> bool:
     """True for an integer value (``bool`` excluded; numpy integers accepted)."""
     try:
@@ -83,7 +103,9 @@ class EncoderConfig:
         segmentation_size: the backend's network input (width, height) in pixels.
 
     ``image_size`` and ``segmentation_size`` are checked on construction: each side must be
-    :data:`MIN_INPUT_SIDE` .. :data:`MAX_INPUT_SIDE` pixels, else :class:`ConfigError`; so are
+    :data:`MIN_INPUT_SIDE` .. :data:`MAX_INPUT_SIDE` pixels, else :class:`ConfigError`
+    (``image_size`` also a multiple of the backbone's ``input_multiple``, e.g. 14 px for the
+    DINOv2 ViT; no rounding happens); so are
     ``batch_size`` (an integer >= 1) and ``pca_dim`` (an integer >= 0; 0 = off, a negative value
     is refused rather than read as "off").
     """
@@ -111,7 +133,8 @@ class EncoderConfig:
     segmentation_size: Tuple[int, int] = (512, 256)
 
     def __post_init__(self):
-        validate_input_size("image_size", self.image_size)
+        w, h = validate_input_size("image_size", self.image_size)
+        _check_input_multiple(self.backbone, w, h)
         validate_input_size("segmentation_size", self.segmentation_size)
         if not _is_int(self.batch_size) or self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size!r}")
