@@ -16,6 +16,7 @@ setup(
         (f"share/{PACKAGE}/config", glob("config/*.yaml")),
         (f"share/{PACKAGE}/rviz", glob("rviz/*.rviz")),
     ],
+    package_data={f"{PACKAGE}.trained": ["*.pt", "*.json", "*.png"]},
     python_requires=">=3.10",
     install_requires=[
         "numpy",

@@ -2,6 +2,7 @@
 
 build-map   images (EXIF GPS | CSV | frame index) -> map directory
 map-export  map directory -> Milvus / milvus-lite collection
+map-import  Milvus / milvus-lite collection -> map directory (keyframes, descriptors, encoder)
 export      a map's encoder -> ONNX (+ sidecar JSON), optionally int8
 localize    offline batch localisation of an image folder against a map -> CSV / JSON
 evaluate    recall@N, errors, baselines and plots for a scenario or two image sets
@@ -228,24 +229,43 @@ def _cmd_train(args) -> int:
 
     ts = get_training_set(args.training_set)
     cfg = encoder_config_from_args(args, scenario_encoder_base(ts, args.shared))
-    if not cfg.guided:
-        raise ConfigError("train needs at least one of --static-mask, --seg-stream, --attention")
+    if cfg.aggregator != "netvlad":
+        raise ConfigError(f"train trains NetVLAD (--aggregator netvlad), not {cfg.aggregator}")
     datasets = os.path.join(args.shared, "datasets")
     traversals = [spec.load(datasets) for spec in ts.traversals]
-    tcfg = TrainConfig(epochs=args.epochs, lr=args.lr, attention_lr=args.attention_lr, negatives=args.negatives,
+    tcfg = TrainConfig(epochs=args.epochs, lr=args.lr, tail_lr=args.tail_lr, attention_lr=args.attention_lr,
+                       lr_gamma=args.lr_gamma, train_tail=not args.no_tail, loss=args.loss,
+                       margin=args.margin if args.margin is not None else (0.1 if args.loss == "squared" else 0.1 ** 0.5),
+                       negatives=args.negatives, queries_per_step=args.queries_per_step,
+                       queries_per_epoch=args.queries_per_epoch,
                        d_pos=ts.d_pos if args.d_pos is None else args.d_pos,
                        d_neg=ts.d_neg if args.d_neg is None else args.d_neg,
-                       val_fraction=args.val_fraction, night_augmentation=not args.no_night, seed=args.seed)
+                       val_fraction=args.val_fraction, night_augmentation=not args.no_night,
+                       fit_pca=not args.no_pca, seed=args.seed)
     LOG.info("training set %s: %s", ts.name, ts.description)
-    rep = train_encoder(Encoder(cfg), traversals, ts.gt, tcfg, args.out)
+    torch_threads(args.threads)
+    rep = train_encoder(Encoder(cfg), traversals, ts.gt, tcfg, args.out, cache_dir=args.cache_dir)
     for e in rep.epochs:
         loss = "-" if e["loss"] is None else f"{e['loss']:.4f}"
-        print(f"epoch {e['epoch']:2d}: loss {loss:>7} triplets {e['triplets']:5d}  validation recall@1 "
-              f"{e['val_recall@1']:.3f} ({e['val_hits']}/{e['val_queries']})")
+        active = "-" if e["active_fraction"] is None else f"{100 * e['active_fraction']:.0f}%"
+        print(f"epoch {e['epoch']:2d}: loss {loss:>7} triplets {e['triplets']:5d} active {active:>4}  validation "
+              f"recall@1 {e['val_recall@1']:.3f} ({e['val_hits']}/{e['val_queries']}), "
+              f"@5 {e['val_recall@5']:.3f}")
+    if rep.pca:
+        print(f"PCA whitening to {rep.pca['dim']} dims fitted on {rep.pca['fitted_on']} training images: validation "
+              f"recall@1 {rep.pca['val_recall@1']:.3f} ({rep.pca['val_hits']}/{rep.pca['val_queries']})")
     print(f"kept epoch {rep.best_epoch}; {rep.train_items} training / {rep.val_items} validation images; "
-          f"features cached in {rep.cache_seconds:.0f} s, trained in {rep.train_seconds:.0f} s; wrote {args.out} "
-          f"(+ .json, .png)")
+          f"features cached in {rep.cache_seconds:.0f} s ({rep.cache_bytes / 2**20:.0f} MiB), trained in "
+          f"{rep.train_seconds:.0f} s; wrote {args.out} (+ .json, .png)")
     return 0
+
+
+def torch_threads(n: Optional[int]) -> None:
+    """``torch.set_num_threads(n)`` when ``n`` is given (>= 1)."""
+    if n:
+        import torch
+
+        torch.set_num_threads(int(n))
 
 
 def _parse_remaps(items: Optional[List[str]]) -> List[tuple]:
@@ -327,7 +347,7 @@ def _cmd_run(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from vpr_localizer.cli.build_map import add_build_map_parser
-    from vpr_localizer.cli.milvus import add_map_export_parser
+    from vpr_localizer.cli.milvus import add_map_export_parser, add_map_import_parser
     from vpr_localizer.cli.export import add_export_parser
 
     from vpr_localizer.evaluation.scenarios import SCENARIOS
@@ -339,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_build_map_parser(sub)
     add_map_export_parser(sub)
+    add_map_import_parser(sub)
     add_export_parser(sub)
 
     q = sub.add_parser("localize", help="localise a folder of images against a map")
@@ -421,16 +442,30 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_cmd_demo)
 
     from vpr_localizer.evaluation.scenarios import TRAINING_SETS
+    from vpr_localizer.training.train import LOSSES, TrainConfig
 
-    t = sub.add_parser("train", help="train the guided NetVLAD + attention (triplet loss, hard negatives) "
-                                     "on cached backbone features")
+    t = sub.add_parser("train", help="train VGG16 conv5 + NetVLAD (+ attention) with the triplet loss and hard "
+                                     "negatives on cached conv4 features (CPU)")
     t.add_argument("--training-set", default="nordland_train", choices=list(TRAINING_SETS))
     t.add_argument("--shared", default=default_shared_dir())
     t.add_argument("--out", required=True, help="checkpoint file to write (.pt)")
     t.add_argument("--epochs", type=int, default=8)
-    t.add_argument("--lr", type=float, default=1e-4, help="NetVLAD learning rate (Adam)")
-    t.add_argument("--attention-lr", type=float, default=1e-2, help="attention learning rate (Adam)")
-    t.add_argument("--negatives", type=int, default=10, help="hardest negatives per query")
+    t.add_argument("--lr", type=float, default=TrainConfig.lr, help="NetVLAD learning rate (Adam)")
+    t.add_argument("--tail-lr", type=float, default=TrainConfig.tail_lr,
+                   help="learning rate of the backbone tail (VGG16 conv5_1..conv5_3; Adam)")
+    t.add_argument("--attention-lr", type=float, default=TrainConfig.attention_lr, help="attention learning rate (Adam)")
+    t.add_argument("--lr-gamma", type=float, default=TrainConfig.lr_gamma, help="learning-rate decay per epoch")
+    t.add_argument("--no-tail", action="store_true", help="train NetVLAD (+ attention) only, conv5 frozen")
+    t.add_argument("--loss", choices=LOSSES, default=TrainConfig.loss,
+                   help="squared: NetVLAD's margin on squared distances; l2: TripletMarginLoss on distances")
+    t.add_argument("--margin", type=float, help="triplet margin (default 0.1 squared, sqrt(0.1) l2)")
+    t.add_argument("--negatives", type=int, default=TrainConfig.negatives, help="hardest negatives per query")
+    t.add_argument("--queries-per-step", type=int, default=TrainConfig.queries_per_step)
+    t.add_argument("--queries-per-epoch", type=int, default=TrainConfig.queries_per_epoch,
+                   help="training queries drawn per epoch (0 = all)")
+    t.add_argument("--no-pca", action="store_true", help="do not fit PCA whitening on the training set")
+    t.add_argument("--cache-dir", help="keep the float16 feature cache here (reused by the next run)")
+    t.add_argument("--threads", type=int, help="torch CPU threads")
     t.add_argument("--d-pos", type=float, help="positive radius (frame steps or metres; default: the set's)")
     t.add_argument("--d-neg", type=float, help="negative radius (frame steps or metres; default: the set's)")
     t.add_argument("--val-fraction", type=float, default=0.15, help="route fraction held out for validation")

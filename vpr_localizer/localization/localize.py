@@ -344,11 +344,13 @@ def encoder_for_map(vpr_map: VprMap, weights: Optional[str] = None, device: str 
             cfg.segmentation = guidance["segmentation"]
             cfg.segmentation_size = tuple(int(v) for v in guidance["segmentation_size"])
             cfg.segmentation_weights = segmentation_weights or build.get("segmentation_weights")
+    from vpr_localizer.trained import resolve_checkpoint
+
     enc = Encoder(cfg)
     try:
-        if checkpoint:
+        if resolve_checkpoint(checkpoint):
             from vpr_localizer.models.checkpoint import load_checkpoint
-            enc.load_checkpoint_state(load_checkpoint(checkpoint))
+            enc.load_checkpoint_state(load_checkpoint(resolve_checkpoint(checkpoint)))
         else:
             enc.load_checkpoint_state(vpr_map.encoder_checkpoint)
     except WeightsError as exc:

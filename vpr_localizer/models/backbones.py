@@ -18,7 +18,7 @@ weights and is part of the encoder fingerprint.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -97,7 +97,8 @@ class Backbone(nn.Module):
     """
 
     def __init__(self, name: str, body: nn.Module, out_channels: int, stride: int,
-                 preprocessing: Preprocessing, weights_sha256: str, weights_path: str):
+                 preprocessing: Preprocessing, weights_sha256: str, weights_path: str,
+                 tail_start: Optional[int] = None, tail_name: str = ""):
         super().__init__()
         self.name = name
         self.body = body
@@ -106,10 +107,88 @@ class Backbone(nn.Module):
         self.preprocessing = preprocessing
         self.weights_sha256 = weights_sha256
         self.weights_path = weights_path
+        if tail_start is not None and not (isinstance(body, nn.Sequential) and 0 < tail_start < len(body)):
+            raise ValueError(f"tail_start {tail_start} needs an nn.Sequential body with more layers")
+        self.tail_start = tail_start
+        self.tail_name = tail_name
+        #: True once :meth:`load_tail_state` replaced the tail's ImageNet weights (fine-tuned).
+        self.tail_tuned = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D401
         """``(B, 3, H, W)`` float32 preprocessed -> ``(B, C, h, w)`` float32 features."""
         return self.body(x)
+
+    # --- the trainable tail (e.g. VGG16 conv5_1..conv5_3, as NetVLAD fine-tunes it) ---------------
+
+    @property
+    def has_tail(self) -> bool:
+        """True when the backbone declares a trainable last block (:attr:`tail_start`)."""
+        return self.tail_start is not None
+
+    def _require_tail(self) -> int:
+        if self.tail_start is None:
+            raise WeightsError(f"backbone {self.name} has no trainable tail (no tail_start in its registry entry)")
+        return self.tail_start
+
+    def front(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen part: ``(B, 3, H, W)`` preprocessed -> the tail's input ``(B, C', h, w)``
+        (VGG16: pool4 output, 512 channels at stride 16).
+
+        Raises:
+            WeightsError: the backbone has no tail.
+        """
+        return self.body[:self._require_tail()](x)
+
+    def tail(self, x: torch.Tensor) -> torch.Tensor:
+        """The trainable last block: :meth:`front`'s output -> the backbone's ``(B, C, h, w)``
+        features (``tail(front(x)) == forward(x)``).
+
+        Raises:
+            WeightsError: the backbone has no tail.
+        """
+        return self.body[self._require_tail():](x)
+
+    def tail_modules(self) -> nn.Module:
+        """The tail's layers as an ``nn.Sequential`` sharing this backbone's parameters.
+
+        Raises:
+            WeightsError: the backbone has no tail.
+        """
+        return self.body[self._require_tail():]
+
+    def tail_state(self) -> Dict[str, torch.Tensor]:
+        """The tail's tensors under the body's own keys (VGG16: ``24.weight`` ... ``28.bias``),
+        float32 copies on CPU.
+
+        Raises:
+            WeightsError: the backbone has no tail.
+        """
+        start = self._require_tail()
+        return {k: v.detach().cpu().float().clone() for k, v in self.body.state_dict().items()
+                if int(k.split(".")[0]) >= start}
+
+    def load_tail_state(self, state: Dict[str, torch.Tensor]) -> None:
+        """Load fine-tuned tail tensors (any float dtype; cast to the body's) strictly: exactly
+        the tail's keys and shapes; sets :attr:`tail_tuned`.
+
+        Raises:
+            WeightsError: no tail, or missing / unexpected keys or shapes that do not fit.
+        """
+        mine = self.tail_state()
+        missing = sorted(set(mine) - set(state))
+        unexpected = sorted(set(state) - set(mine))
+        bad = sorted(k for k in set(mine) & set(state) if tuple(state[k].shape) != tuple(mine[k].shape))
+        if missing or unexpected or bad:
+            raise WeightsError(f"fine-tuned {self.name} {self.tail_name or 'tail'} tensors do not fit: "
+                               f"{len(missing)} missing, {len(unexpected)} unexpected, {len(bad)} with the "
+                               f"wrong shape ({', '.join((missing + unexpected + bad)[:4])})")
+        ref = next(iter(self.body.parameters()))
+        with torch.no_grad():
+            params = dict(self.body.named_parameters())
+            params.update(dict(self.body.named_buffers()))
+            for k, v in state.items():
+                params[k].copy_(v.to(device=ref.device, dtype=params[k].dtype))
+        self.tail_tuned = True
 
 
 class _EfficientNetFeatures(nn.Module):

@@ -24,6 +24,7 @@ from vpr_localizer.files import sha256_file
 from vpr_localizer.io.image_files import iter_image_batches, resize_image
 from vpr_localizer.models.aggregation import GeM, GlobalAvgPool
 from vpr_localizer.models.backbones import Backbone
+from vpr_localizer.trained import resolve_checkpoint
 from vpr_localizer.models.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_checkpoint, save_checkpoint,
                                              state_hash)
 from vpr_localizer.models.config import EncoderConfig
@@ -80,7 +81,8 @@ class Encoder:
 
     Args:
         config: :class:`EncoderConfig`.
-        backbone: an already built backbone to share (e.g. between nodes); None builds one.
+        backbone: an already built backbone to share (e.g. between nodes); None builds one. It
+            is never changed: a checkpoint with a fine-tuned tail gets a copy.
 
     Raises:
         WeightsError: bad backbone weights or checkpoint.
@@ -96,6 +98,8 @@ class Encoder:
                               "segmentation (e.g. espnetv2) and segmentation_weights")
         self.config = config
         self.device = resolve_device(config.device)
+        # a backbone passed in may be shared: it is copied before a checkpoint changes its tail
+        self._owns_backbone = backbone is None
         self.backbone = backbone or build_backbone(config.backbone, config.weights, config.preprocessing)
         self.backbone.to(self.device).eval()
         self._segmenter = None
@@ -107,8 +111,9 @@ class Encoder:
         self.aggregator.to(self.device).eval()
         self.pca: Optional[PCAWhitening] = None
         self.trained = not spec.needs_fitting  # e.g. GeM/GAP need no fitting
-        if config.checkpoint:
-            self.load_checkpoint_state(load_checkpoint(config.checkpoint))
+        checkpoint = resolve_checkpoint(config.checkpoint)
+        if checkpoint:
+            self.load_checkpoint_state(load_checkpoint(checkpoint))
 
     # --- dimensions and identity ---------------------------------------------------
 
@@ -131,7 +136,9 @@ class Encoder:
         Returns:
             dict with backbone, weights_sha256, preprocessing, image_size [W, H], aggregator,
             num_clusters (0 unless NetVLAD), local_dim, raw_dim, descriptor_dim, pca_dim
-            (0 = none) and params_sha256 (hash of the aggregator and PCA parameters).
+            (0 = none) and params_sha256 (hash of the aggregator and PCA parameters); with a
+            fine-tuned backbone tail (a trained checkpoint) also backbone_tail (its layers) and
+            backbone_tail_sha256 (hash of its parameters).
         """
         params = {f"agg.{k}": v for k, v in self.aggregator_state().items()}
         if self.pca is not None:
@@ -149,6 +156,8 @@ class Encoder:
             "pca_dim": int(self.pca.dim) if self.pca is not None else 0,
             "params_sha256": state_hash(params),
             **({"guidance": self.guidance()} if self.config.guided else {}),
+            **({"backbone_tail": self.backbone.tail_name,
+                "backbone_tail_sha256": state_hash(self.backbone.tail_state())} if self.backbone.tail_tuned else {}),
         }
 
     def guidance(self) -> Dict:
@@ -172,6 +181,10 @@ class Encoder:
                 "weights_sha256": self.backbone.weights_sha256,
                 "preprocessing": self.backbone.preprocessing.name,
                 "image_size": [int(v) for v in self.config.image_size],
+                # a fine-tuned last block (NetVLAD's conv5 training), float16 on disk
+                **({"tail": {"start": int(self.backbone.tail_start), "name": self.backbone.tail_name,
+                             "state_dict": {k: v.half() for k, v in self.backbone.tail_state().items()}}}
+                   if self.backbone.tail_tuned else {}),
             },
             "aggregator": {
                 "type": self.config.aggregator,
@@ -182,7 +195,8 @@ class Encoder:
                 "guidance": self.guidance() if self.config.guided else None,
             },
             "pca": None if self.pca is None else {
-                k: torch.from_numpy(np.atleast_1d(np.asarray(v, np.float32))) for k, v in self.pca.state().items()
+                k: _compact(torch.from_numpy(np.atleast_1d(np.asarray(v, np.float32))))
+                for k, v in self.pca.state().items()
             },
             "fingerprint": self.fingerprint(),
         }
@@ -197,11 +211,17 @@ class Encoder:
         return dict(extra()) if extra is not None else {}
 
     def load_checkpoint_state(self, ckpt: Dict) -> None:
-        """Load aggregator and PCA from a checkpoint dictionary.
+        """Load aggregator, PCA and a fine-tuned backbone tail from a checkpoint dictionary.
+
+        A checkpoint without PCA holds only resolution-independent parameters (NetVLAD,
+        attention, conv layers): it may run at another input size (trained on 128x64 Nordland
+        thumbnails, used at 640x360); the map fingerprint records the size actually used. PCA
+        whitening is fitted on descriptors of one input size, so a checkpoint with PCA does not
+        load at another.
 
         Raises:
-            WeightsError: wrong format, another backbone/weights/preprocessing/input size,
-                or tensors that do not fit.
+            WeightsError: wrong format, another backbone/weights/preprocessing/input size, or
+                tensors that do not fit (aggregator, backbone tail).
         """
         if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
             raise WeightsError("not a vpr_localizer encoder checkpoint")
@@ -211,8 +231,8 @@ class Encoder:
         mine = {"name": self.backbone.name, "weights_sha256": self.backbone.weights_sha256,
                 "preprocessing": self.backbone.preprocessing.name,
                 "image_size": [int(v) for v in self.config.image_size]}
-        # A checkpoint without PCA holds only resolution-independent parameters (NetVLAD, attention):
-        # it may run at another input size (e.g. trained on 128x64 thumbnails, used at 640x360).
+        # A checkpoint without PCA holds only resolution-independent parameters (NetVLAD, attention,
+        # conv layers): it may run at another input size (e.g. trained on 128x64 thumbnails, used at 640x360).
         size_free = ckpt.get("pca") is None
         diffs = [f"{k}: checkpoint {bb.get(k)!r} vs running {v!r}" for k, v in mine.items()
                  if (list(bb.get(k)) if k == "image_size" else bb.get(k)) != v
@@ -239,26 +259,47 @@ class Encoder:
         load_extra = getattr(self.aggregator, "load_extra_state", None)
         if load_extra is not None:
             load_extra({k: v for k, v in agg.items() if k not in ("type", "num_clusters", "state_dict", "guidance")})
+        tail = bb.get("tail")
+        if tail is not None:
+            if not self.backbone.has_tail or int(tail.get("start", -1)) != int(self.backbone.tail_start):
+                raise WeightsError(f"checkpoint fine-tunes {self.backbone.name} from layer {tail.get('start')} "
+                                   f"but this backbone's trainable tail starts at {self.backbone.tail_start}")
+            self.own_backbone().load_tail_state(tail["state_dict"])
         pca = ckpt.get("pca")
         self.pca = None if pca is None else PCAWhitening.from_state(
             {k: (v.numpy() if k != "eps" else float(v.reshape(-1)[0])) for k, v in pca.items()})
         self.aggregator.to(self.device)
         self.trained = True
 
+    def own_backbone(self) -> Backbone:
+        """This encoder's backbone, copied first when it was passed in (possibly shared with
+        other encoders), so that changing it (loading or training a tail) changes no one else's."""
+        if not self._owns_backbone:
+            import copy
+
+            self.backbone = copy.deepcopy(self.backbone)
+            self._owns_backbone = True
+        return self.backbone
+
     # --- the network ------------------------------------------------------------------
 
     @torch.no_grad()
-    def feature_maps(self, images: np.ndarray) -> torch.Tensor:
+    def feature_maps(self, images: np.ndarray, pre_tail: bool = False) -> torch.Tensor:
         """Backbone features of a batch.
 
         Args:
             images: ``uint8`` ``(B, H, W, 3)`` RGB, already at ``config.image_size``.
+            pre_tail: stop before the backbone's trainable tail (VGG16: the pool4 output, the
+                input of conv5_1), as training caches them.
 
         Returns:
             ``float32`` ``(B, C, h, w)`` on the encoder's device.
+
+        Raises:
+            WeightsError: ``pre_tail`` on a backbone without a tail.
         """
         x = self.backbone.preprocessing(images, self.device)
-        return self.backbone(x)
+        return self.backbone.front(x) if pre_tail else self.backbone(x)
 
     @property
     def segmenter(self):
@@ -286,18 +327,21 @@ class Encoder:
             np.zeros((0,) + images.shape[1:3], np.uint8)
 
     @torch.no_grad()
-    def stream_features(self, images: np.ndarray, labels: Optional[Sequence[np.ndarray]] = None) -> StreamFeatures:
+    def stream_features(self, images: np.ndarray, labels: Optional[Sequence[np.ndarray]] = None,
+                        pre_tail: bool = False) -> StreamFeatures:
         """Backbone features of every stream the encoder uses.
 
         Args:
             images: ``uint8 (B, H, W, 3)`` RGB at ``config.image_size``.
             labels: ``(H_i, W_i)`` trainId maps for the images (any size); None = run the
                 encoder's segmentation backend when the encoder needs labels.
+            pre_tail: image and segmentation streams stop before the backbone's trainable tail
+                (:meth:`feature_maps`); the tail keeps the grid, so ``static`` is unchanged.
 
         Returns:
             :class:`~vpr_localizer.models.guided.StreamFeatures` (``seg``/``static`` None when unused).
         """
-        feats = StreamFeatures(self.feature_maps(images))
+        feats = StreamFeatures(self.feature_maps(images, pre_tail))
         if not self.config.needs_labels:
             return feats
         lab = self.label_images(images) if labels is None else self.prepare_labels(labels)
@@ -306,7 +350,7 @@ class Encoder:
         if self.config.seg_stream:
             from vpr_localizer.segmentation.classes import colorize
 
-            feats.seg = self.feature_maps(np.stack([colorize(x) for x in lab]))
+            feats.seg = self.feature_maps(np.stack([colorize(x) for x in lab]), pre_tail)
         return feats
 
     @torch.no_grad()
@@ -530,6 +574,16 @@ class Encoder:
             return False
         self.pca = fit_pca_whitening(raw, self.config)
         return self.pca is not None
+
+
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as float16 when that is lossless (a trained checkpoint rounds its PCA to float16 so
+    that it fits in the repository), else unchanged."""
+    if t.numel() > 1 and t.dtype == torch.float32:
+        h = t.half()
+        if torch.equal(h.float(), t):
+            return h
+    return t
 
 
 def baseline_heads() -> Dict[str, nn.Module]:

