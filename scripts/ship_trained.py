@@ -1,12 +1,14 @@
 """Copy a trained checkpoint (with its .json log and .png curves) into the package as a shipped
 checkpoint and record the check the test suite repeats (test/test_trained_checkpoint.py).
 
-    python scripts/ship_trained.py results/train_run/vgg16_netvlad_nordland.pt vgg16_netvlad_nordland \
+    python scripts/ship_trained.py results/train_run2/vgg16_conv5_nordland.pt vgg16_conv5_nordland \
         --command "vpr-localizer train ..." [--shared ../shared]
 
 The check: recall@1 (exact place) of the winter thumbnails against the summer thumbnails at a
 fixed subset of the training set's *validation* places (positions 2140-2499, every 5th), encoded
-by ``Encoder`` with the checkpoint at 128x64. Stored in the shipped .json as ``subset_check``.
+by ``Encoder`` with the checkpoint at 128x64 (a backbone-only checkpoint first fits NetVLAD by
+k-means on the subset's summer images, as a map would). Stored in the shipped .json as
+``subset_check``.
 """
 from __future__ import annotations
 
@@ -36,6 +38,8 @@ def subset_recall(checkpoint: str, shared: str):
                                 image_size=(128, 64), checkpoint=checkpoint, device="cpu", batch_size=16))
     sets = [ImageSetSpec(f"nordland_thumbs/{s}", gps="none", index_range=SUBSET[:2], index_step=SUBSET[2])
             .load(os.path.join(shared, "datasets")) for s in ("summer", "winter")]
+    if not enc.trained:
+        enc.fit_aggregator([r.path for r in sets[0]])
     summer, winter = ([load_image(r.path) for r in t] for t in sets)
     top1 = (enc.encode_images(winter) @ enc.encode_images(summer).T).argmax(axis=1)
     return int((top1 == np.arange(len(top1))).sum()), len(top1), top1.tolist()

@@ -1,10 +1,10 @@
-"""The shipped trained encoder (``vpr_localizer/trained/vgg16_netvlad_nordland.pt``).
+"""The shipped trained encoder (``vpr_localizer/trained/vgg16_conv5_nordland.pt``).
 
-It loads strictly (format, backbone, conv5 tail, NetVLAD; its stored fingerprint equals the
-running encoder's), is small enough for the repository, and reproduces the recall@1 recorded
-when it was shipped (``subset_check`` in its .json, ``scripts/ship_trained.py``) on a fixed
-subset of the training set's validation places, top-1 for top-1. ``--checkpoint none`` is the
-untrained baseline.
+It holds VGG16's conv5_1..conv5_3 fine-tuned with NetVLAD on Nordland and no aggregator (each
+map fits NetVLAD by k-means). It loads strictly (format, backbone, conv5 tensors), is small
+enough for the repository, and reproduces the recall@1 recorded when it was shipped
+(``subset_check`` in its .json, ``scripts/ship_trained.py``) on a fixed subset of the training
+set's validation places, top-1 for top-1. ``--checkpoint none`` is the untrained baseline.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from vpr_localizer.models.config import EncoderConfig
 from vpr_localizer.models.encoder import Encoder
 from vpr_localizer.trained import SHIPPED, resolve_checkpoint, shipped_checkpoint_path
 
-NAME = "vgg16_netvlad_nordland"
+NAME = "vgg16_conv5_nordland"
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +54,11 @@ def test_shipped_checkpoint_loads_strictly(shipped, vgg_path):
     ckpt = load_checkpoint(path)
     tail = ckpt["backbone"]["tail"]
     assert tail["start"] == 24 and all(v.dtype == torch.float16 for v in tail["state_dict"].values())
-    assert ckpt["pca"] is None  # maps fit their own PCA whitening (README "Training": why)
+    assert ckpt["pca"] is None and ckpt["aggregator"] is None  # maps fit NetVLAD and PCA (README "Training": why)
     enc = Encoder(EncoderConfig(weights=str(vgg_path), image_size=(128, 64), checkpoint=NAME, device="cpu"))
-    assert enc.trained and enc.backbone.tail_tuned and enc.pca is None
-    assert enc.fingerprint() == ckpt["fingerprint"]
+    assert not enc.trained and enc.backbone.tail_tuned and enc.pca is None
+    fp = enc.fingerprint()
+    assert fp["backbone_tail"] == "conv5_1..conv5_3" and len(fp["backbone_tail_sha256"]) == 64
     # the conv5 it runs is the checkpoint's, not ImageNet's
     for k, v in tail["state_dict"].items():
         assert torch.equal(enc.backbone.body.state_dict()[k], v.float()), k
@@ -74,6 +75,7 @@ def test_shipped_checkpoint_reproduces_its_subset_recall(shipped, vgg_path, data
                                 device="cpu", batch_size=16))
     sets = [ImageSetSpec(f"nordland_thumbs/{s}", gps="none", index_range=(start, stop), index_step=step)
             .load(str(datasets_dir)) for s in ("summer", "winter")]
+    enc.fit_aggregator([r.path for r in sets[0]])  # NetVLAD k-means on the summer "map", as a map does
     summer, winter = ([load_image(r.path) for r in t] for t in sets)
     top1 = (enc.encode_images(winter) @ enc.encode_images(summer).T).argmax(axis=1)
     hits = int((top1 == np.arange(len(top1))).sum())
@@ -84,9 +86,10 @@ def test_shipped_checkpoint_reproduces_its_subset_recall(shipped, vgg_path, data
 
 
 def test_map_built_with_the_shipped_checkpoint_carries_its_conv5(tmp_path, datasets_dir, vgg_path):
-    """``build-map --checkpoint vgg16_netvlad_nordland`` at another input size (160x120, Lund):
-    the map's encoder.pt carries the fine-tuned conv5, so ``localize`` rebuilds the same encoder
-    from the map alone (fingerprint incl. backbone_tail_sha256) and localises every query."""
+    """``build-map --checkpoint vgg16_conv5_nordland`` at another input size (160x120, Lund):
+    NetVLAD is fitted on the map, the map's encoder.pt carries it and the fine-tuned conv5, so
+    ``localize`` rebuilds the same encoder from the map alone (fingerprint incl.
+    backbone_tail_sha256) and localises every query."""
     import csv
 
     from vpr_localizer.cli.main import main
@@ -106,3 +109,24 @@ def test_map_built_with_the_shipped_checkpoint_carries_its_conv5(tmp_path, datas
     with open(res, newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 15
+
+
+def test_backbone_only_checkpoint_keeps_conv5_and_fits_netvlad_per_map(shipped, vgg_path, tmp_path):
+    """A checkpoint with the fine-tuned conv5 and no aggregator (``aggregator: None``): the
+    encoder runs that conv5 and is not trained yet, so a map fits its own NetVLAD vocabulary by
+    k-means; one with an aggregator missing but PCA present is refused."""
+    from vpr_localizer.models.checkpoint import save_checkpoint
+
+    path, _ = shipped
+    ckpt = load_checkpoint(path)
+    assert ckpt["aggregator"] is None and ckpt["fingerprint"] is None
+    conv5_only = str(tmp_path / "conv5.pt")
+    save_checkpoint(ckpt, conv5_only)
+    enc = Encoder(EncoderConfig(weights=str(vgg_path), image_size=(160, 120), checkpoint=conv5_only, device="cpu"))
+    assert enc.backbone.tail_tuned and not enc.trained
+    for k, v in ckpt["backbone"]["tail"]["state_dict"].items():
+        assert torch.equal(enc.backbone.body.state_dict()[k], v.float()), k
+    ckpt["pca"] = {"mean": torch.zeros(4)}
+    save_checkpoint(ckpt, conv5_only)
+    with pytest.raises(WeightsError, match="without an aggregator"):
+        Encoder(EncoderConfig(weights=str(vgg_path), image_size=(128, 64), checkpoint=conv5_only, device="cpu"))

@@ -60,7 +60,7 @@ def add_encoder_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int)
     g.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--checkpoint", help="trained encoder checkpoint: a file, the name of a shipped one "
-                                        "(vgg16_netvlad_nordland), or none (untrained ImageNet + k-means)")
+                                        "(vgg16_conv5_nordland), or none (untrained ImageNet + k-means)")
     g.add_argument("--static-mask", action="store_true", default=None,
                    help="NetVLAD weighted by the segmentation's static-structure mask")
     g.add_argument("--seg-stream", action="store_true", default=None,

@@ -241,6 +241,11 @@ class Encoder:
             raise WeightsError("encoder checkpoint does not match the configured backbone (" +
                                "; ".join(diffs) + ")")
         agg = ckpt["aggregator"]
+        if agg is None:  # backbone-only: a fine-tuned tail; the aggregator is fitted on each map (k-means)
+            if ckpt.get("pca") is not None or bb.get("tail") is None:
+                raise WeightsError("a checkpoint without an aggregator must hold a backbone tail and no PCA")
+            self._load_tail(bb["tail"])
+            return
         if agg["type"] != self.config.aggregator or (
                 self.aggregator_spec.fingerprint_fields(self.config).get("num_clusters", 0)
                 and int(agg["num_clusters"]) != int(self.config.num_clusters)):
@@ -259,17 +264,25 @@ class Encoder:
         load_extra = getattr(self.aggregator, "load_extra_state", None)
         if load_extra is not None:
             load_extra({k: v for k, v in agg.items() if k not in ("type", "num_clusters", "state_dict", "guidance")})
-        tail = bb.get("tail")
-        if tail is not None:
-            if not self.backbone.has_tail or int(tail.get("start", -1)) != int(self.backbone.tail_start):
-                raise WeightsError(f"checkpoint fine-tunes {self.backbone.name} from layer {tail.get('start')} "
-                                   f"but this backbone's trainable tail starts at {self.backbone.tail_start}")
-            self.own_backbone().load_tail_state(tail["state_dict"])
+        if bb.get("tail") is not None:
+            self._load_tail(bb["tail"])
         pca = ckpt.get("pca")
         self.pca = None if pca is None else PCAWhitening.from_state(
             {k: (v.numpy() if k != "eps" else float(v.reshape(-1)[0])) for k, v in pca.items()})
         self.aggregator.to(self.device)
         self.trained = True
+
+    def _load_tail(self, tail: Dict) -> None:
+        """Load a checkpoint's fine-tuned backbone tail (``{"start", "name", "state_dict"}``).
+
+        Raises:
+            WeightsError: this backbone's tail starts elsewhere (or it has none), or the tensors
+                do not fit.
+        """
+        if not self.backbone.has_tail or int(tail.get("start", -1)) != int(self.backbone.tail_start):
+            raise WeightsError(f"checkpoint fine-tunes {self.backbone.name} from layer {tail.get('start')} "
+                               f"but this backbone's trainable tail starts at {self.backbone.tail_start}")
+        self.own_backbone().load_tail_state(tail["state_dict"])
 
     def own_backbone(self) -> Backbone:
         """This encoder's backbone, copied first when it was passed in (possibly shared with

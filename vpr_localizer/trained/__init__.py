@@ -2,7 +2,9 @@
 
 ``--checkpoint NAME`` (and ``encoder.checkpoint: NAME`` in a parameter file) accepts one of
 :data:`SHIPPED` besides a file path; ``none`` means no checkpoint (the untrained ImageNet +
-k-means baseline). Each ``NAME.pt`` sits beside ``NAME.json`` (the training log: command, seed,
+k-means baseline). A checkpoint without an aggregator (``aggregator: None``, like
+``vgg16_conv5_nordland``) only replaces the backbone's fine-tuned tail: NetVLAD is still fitted
+on each map. Each ``NAME.pt`` sits beside ``NAME.json`` (the training log: command, seed,
 per-epoch loss and validation recall) and ``NAME.png`` (the learning curves).
 """
 from __future__ import annotations
@@ -16,8 +18,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 #: name -> what it is (the file is ``<name>.pt`` in this folder).
 SHIPPED: Dict[str, str] = {
-    "vgg16_netvlad_nordland": "VGG16 conv5_1..conv5_3 + NetVLAD K=64 + PCA whitening, trained on Nordland "
-                              "positions 0-2499 (summer, winter, simulated night) at 128x64",
+    "vgg16_conv5_nordland": "VGG16 conv5_1..conv5_3 fine-tuned with NetVLAD K=64 on Nordland positions 0-2499 "
+                            "(summer, winter, simulated night) at 128x64; no aggregator: each map fits its own "
+                            "NetVLAD vocabulary by k-means (and PCA), as for the untrained encoder",
 }
 
 
