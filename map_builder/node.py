@@ -44,7 +44,8 @@ Keyframes
 Encoder
     ``encoder.*`` parameters are the fields of :class:`~vpr_localizer.models.encoder.EncoderConfig`
     (``encoder.weights`` is required for vgg16; ``encoder.checkpoint`` loads a trained
-    aggregator, and its PCA when it has one). Without a checkpoint, NetVLAD is *bootstrapped*
+    aggregator, and its PCA when it has one, or only a fine-tuned conv5 like the shipped
+    ``vgg16_conv5_nordland`` of ``config/live_mapping.yaml``). Without a trained aggregator, NetVLAD is *bootstrapped*
     on the run itself: the backbone feature maps of the first ``bootstrap_keyframes`` keyframes
     are buffered (at most that many, a few hundred kB each at 160x120), local features are
     sampled from them by the encoder's own :func:`~vpr_localizer.models.encoder.sample_feature_locations` (same per-image
@@ -445,11 +446,15 @@ class MapBuilderNode(WorkerNode):
             self.create_timer(p.flush_interval_s, self._on_flush_timer,
                               callback_group=MutuallyExclusiveCallbackGroup())
         cfg = self.encoder.config
+        fitting = " + ".join(part for part in (
+            f"checkpoint {cfg.checkpoint}" if cfg.checkpoint else "",
+            f"NetVLAD bootstrap on the first {self.bootstrap.capacity} keyframes" if self.bootstrap is not None else "")
+            if part) or "no fitting needed"
         self.get_logger().info(
             f"mapping into {self.map_path}: {cfg.backbone}/{cfg.aggregator}"
             f"{f' K={cfg.num_clusters}' if cfg.aggregator == 'netvlad' else ''} at "
             f"{cfg.image_size[0]}x{cfg.image_size[1]} on {self.encoder.device}, "
-            f"{'checkpoint ' + cfg.checkpoint if cfg.checkpoint else ('NetVLAD bootstrap on the first ' + str(self.bootstrap.capacity) + ' keyframes' if self.bootstrap is not None else 'no fitting needed')}; "
+            f"{fitting}; "
             f"keyframes {'every ' + str(self.keyframe_distance) + ' m' if self.position_source != 'none' else 'every ' + str(self.keyframe_interval_s) + ' s'} "
             f"(position from {self.position_source}); flush every {p.flush_interval_s} s")
 

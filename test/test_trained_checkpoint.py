@@ -130,3 +130,35 @@ def test_backbone_only_checkpoint_keeps_conv5_and_fits_netvlad_per_map(shipped, 
     save_checkpoint(ckpt, conv5_only)
     with pytest.raises(WeightsError, match="without an aggregator"):
         Encoder(EncoderConfig(weights=str(vgg_path), image_size=(128, 64), checkpoint=conv5_only, device="cpu"))
+
+
+def test_the_shipped_checkpoint_is_the_default(vgg_path):
+    """The command line, the default parameter file, the live-mapping profile and the demo use
+    the shipped conv5 unless told otherwise; ``--checkpoint none`` (or ``checkpoint: ""``) is the
+    untrained baseline; the default never lands on a backbone it does not fit; training starts
+    from ImageNet, not from the shipped file."""
+    import argparse
+
+    import yaml
+
+    from vpr_localizer.cli.common import encoder_config_from_args
+    from vpr_localizer.trained import default_checkpoint
+    from vpr_ros.demo import DEFAULT_CHECKPOINT
+
+    def cfg(base=None, **flags):
+        return encoder_config_from_args(argparse.Namespace(**flags), base)
+
+    base = {"weights": str(vgg_path), "image_size": [128, 64]}
+    assert cfg(base).checkpoint == NAME == DEFAULT_CHECKPOINT
+    assert cfg(base, checkpoint="none").checkpoint == "none"
+    assert Encoder(cfg(base, checkpoint="none", device="cpu")).backbone.tail_tuned is False
+    assert cfg({**base, "checkpoint": None}).checkpoint is None  # the train command's base
+    assert cfg({**base, "weights": "/x/vgg16_torchvision.pth"}).checkpoint is None
+    assert cfg({**base, "preprocessing": "torchvision"}).checkpoint is None
+    assert default_checkpoint("efficientnet_lite0") is None and default_checkpoint("dinov2_vits14") is None
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for name, node in (("vpr_localizer.yaml", "/**"), ("live_mapping.yaml", "map_builder")):
+        with open(os.path.join(repo, "config", name)) as fh:
+            assert yaml.safe_load(fh)[node]["ros__parameters"]["encoder"]["checkpoint"] == NAME, name
+    params = os.path.join(repo, "config", "vpr_localizer.yaml")
+    assert cfg(params=params, weights=str(vgg_path)).checkpoint == NAME

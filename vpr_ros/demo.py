@@ -29,6 +29,10 @@ import yaml
 
 from vpr_localizer.io.bags import make_bag
 from vpr_localizer.models.config import EncoderConfig
+from vpr_localizer.trained import default_checkpoint
+
+#: the encoder checkpoint of the demo's map: what ``vpr-localizer demo`` uses offline too
+DEFAULT_CHECKPOINT = default_checkpoint("vgg16")
 from vpr_localizer.models.encoder import Encoder
 from vpr_localizer.errors import DatasetError
 from vpr_localizer.mapping.build import build_map, datum_for, localize_records
@@ -41,7 +45,7 @@ SETTLE_GRACE_S = 2.0        # counters settled: wait this long for frames still 
 
 def ros_demo(shared: str, out_dir: str, scenario: str = "lund_odd_vs_even", rate: float = 0.25,
              bag_rate_hz: float = 2.0, image_size: Optional[tuple] = None, timeout_s: float = 600.0,
-             lossless: bool = True) -> Dict:
+             lossless: bool = True, checkpoint: Optional[str] = DEFAULT_CHECKPOINT) -> Dict:
     """Run the ROS demo; returns (and writes ``out_dir/ros_demo.json``) the metrics.
 
     Args:
@@ -54,6 +58,8 @@ def ros_demo(shared: str, out_dir: str, scenario: str = "lund_odd_vs_even", rate
         image_size: network input (W, H); default the scenario's.
         timeout_s: give up waiting for poses after this long, s.
         lossless: reliable replay and deep worker queues (module doc); False = live-camera QoS.
+        checkpoint: encoder checkpoint of the map (a shipped name or a file; None / "none" =
+            untrained ImageNet + k-means); default the shipped Nordland-trained conv5.
 
     Raises:
         DatasetError: the scenario has no metric ground truth, or data is missing.
@@ -71,7 +77,8 @@ def ros_demo(shared: str, out_dir: str, scenario: str = "lund_odd_vs_even", rate
     datasets = os.path.join(shared, "datasets")
     os.makedirs(out_dir, exist_ok=True)
     map_recs, query_recs = sc.map.load(datasets), sc.queries.load(datasets)
-    cfg = EncoderConfig(weights=os.path.join(shared, VGG16_WEIGHTS), image_size=image_size or sc.image_size)
+    cfg = EncoderConfig(weights=os.path.join(shared, VGG16_WEIGHTS), image_size=image_size or sc.image_size,
+                        checkpoint=checkpoint)
     map_dir = os.path.join(out_dir, "map")
     report = build_map(map_recs, Encoder(cfg), map_dir, overwrite=True)
     LOG.info("map: %d keyframes in %s", report.keyframes, map_dir)

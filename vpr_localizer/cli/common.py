@@ -60,7 +60,8 @@ def add_encoder_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int)
     g.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--checkpoint", help="trained encoder checkpoint: a file, the name of a shipped one "
-                                        "(vgg16_conv5_nordland), or none (untrained ImageNet + k-means)")
+                                        "(vgg16_conv5_nordland, the default for vgg16 with its Caffe weights), "
+                                        "or none (untrained ImageNet + k-means)")
     g.add_argument("--static-mask", action="store_true", default=None,
                    help="NetVLAD weighted by the segmentation's static-structure mask")
     g.add_argument("--seg-stream", action="store_true", default=None,
@@ -73,7 +74,12 @@ def add_encoder_args(p: argparse.ArgumentParser) -> None:
 
 
 def encoder_config_from_args(args, base: Optional[Dict] = None):
-    """EncoderConfig from --params file, scenario defaults (``base``) and explicit flags."""
+    """EncoderConfig from --params file, scenario defaults (``base``) and explicit flags.
+
+    When none of them names a checkpoint, the shipped default for the backbone is used
+    (:func:`vpr_localizer.trained.default_checkpoint`: ``vgg16_conv5_nordland`` for VGG16 with
+    its Caffe weights); ``--checkpoint none`` (or ``checkpoint: ""`` in the file) is the
+    untrained baseline."""
     from vpr_localizer.models.config import EncoderConfig
     from vpr_localizer.param_files import load_params
 
@@ -95,6 +101,11 @@ def encoder_config_from_args(args, base: Optional[Dict] = None):
 
         # $VPR_WEIGHTS_DIR, then ../shared/weights beside the repository; WeightsError lists both
         d["weights"] = default_backbone_weights(d.get("backbone") or EncoderConfig.backbone)
+    if "checkpoint" not in d:  # neither the parameter file, the scenario base nor --checkpoint named one
+        from vpr_localizer.trained import default_checkpoint
+
+        d["checkpoint"] = default_checkpoint(d.get("backbone") or EncoderConfig.backbone, d.get("weights"),
+                                             d.get("preprocessing"))
     return EncoderConfig.from_dict(d)
 
 

@@ -204,12 +204,13 @@ def _cmd_demo(args) -> int:
         print(table)
         print(f"\nsummary written to {os.path.join(args.out, 'summary.md')}")
     if not args.no_ros:
-        from vpr_ros.demo import ros_demo
+        from vpr_ros.demo import DEFAULT_CHECKPOINT, ros_demo
 
         out = os.path.join(args.out, "ros_graph")
         print(f"\n== ROS graph: map {args.ros_scenario} map images, replay its queries as a bag through "
               "attention_node -> vpr_localizer")
-        m = ros_demo(args.shared, out, args.ros_scenario, rate=args.rate)
+        m = ros_demo(args.shared, out, args.ros_scenario, rate=args.rate,
+                     checkpoint=args.checkpoint if args.checkpoint is not None else DEFAULT_CHECKPOINT)
         fr = m["frames"]
         print(f"   frames: {fr['published']} published, {fr['received_attention']} reached attention_node "
               f"({fr['lost_in_transport']} lost in transport), dropped {fr['dropped_attention']} + "
@@ -228,7 +229,8 @@ def _cmd_train(args) -> int:
     from vpr_localizer.training.train import TrainConfig, train_encoder
 
     ts = get_training_set(args.training_set)
-    cfg = encoder_config_from_args(args, scenario_encoder_base(ts, args.shared))
+    # training starts from ImageNet (checkpoint None), not from the shipped default; --checkpoint overrides
+    cfg = encoder_config_from_args(args, {**scenario_encoder_base(ts, args.shared), "checkpoint": None})
     if cfg.aggregator != "netvlad":
         raise ConfigError(f"train trains NetVLAD (--aggregator netvlad), not {cfg.aggregator}")
     datasets = os.path.join(args.shared, "datasets")

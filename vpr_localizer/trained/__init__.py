@@ -2,7 +2,8 @@
 
 ``--checkpoint NAME`` (and ``encoder.checkpoint: NAME`` in a parameter file) accepts one of
 :data:`SHIPPED` besides a file path; ``none`` means no checkpoint (the untrained ImageNet +
-k-means baseline). A checkpoint without an aggregator (``aggregator: None``, like
+k-means baseline). :func:`default_checkpoint` says which shipped checkpoint the command line,
+the default parameter file and ``vpr-localizer demo`` use when none is named. A checkpoint without an aggregator (``aggregator: None``, like
 ``vgg16_conv5_nordland``) only replaces the backbone's fine-tuned tail: NetVLAD is still fitted
 on each map. Each ``NAME.pt`` sits beside ``NAME.json`` (the training log: command, seed,
 per-epoch loss and validation recall) and ``NAME.png`` (the learning curves).
@@ -10,7 +11,7 @@ per-epoch loss and validation recall) and ``NAME.png`` (the learning curves).
 from __future__ import annotations
 
 import os
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 from vpr_localizer.errors import WeightsError
 
@@ -22,6 +23,40 @@ SHIPPED: Dict[str, str] = {
                             "(summer, winter, simulated night) at 128x64; no aggregator: each map fits its own "
                             "NetVLAD vocabulary by k-means (and PCA), as for the untrained encoder",
 }
+
+
+#: backbone -> (the shipped checkpoint used by default, the backbone weight file and preprocessing
+#: it was trained on top of: its tail only fits those).
+DEFAULT_CHECKPOINTS: Dict[str, Tuple[str, str, str]] = {
+    "vgg16": ("vgg16_conv5_nordland", "vgg16_features_imagenet_caffe_bgr.pth", "caffe_bgr"),
+}
+
+
+def default_checkpoint(backbone: str, weights: Optional[str] = None,
+                       preprocessing: Optional[str] = None) -> Optional[str]:
+    """The shipped checkpoint used when none is given, or None.
+
+    Only where it fits: the same backbone, with the weight file (by name) and preprocessing it
+    was trained on (a fine-tuned conv5 on top of another conv1-conv4 would be meaningless; the
+    checkpoint's own weight hash is still checked when it loads).
+
+    Args:
+        backbone: backbone name (e.g. ``vgg16``).
+        weights: the backbone weight file in use (None = the conventional one).
+        preprocessing: the preprocessing in use (None = the backbone's default).
+
+    Returns:
+        A :data:`SHIPPED` name, or None (no default for this configuration).
+    """
+    entry = DEFAULT_CHECKPOINTS.get(backbone)
+    if entry is None:
+        return None
+    name, weight_file, prep = entry
+    if weights is not None and os.path.basename(str(weights)) != weight_file:
+        return None
+    if preprocessing is not None and preprocessing != prep:
+        return None
+    return name
 
 
 def shipped_checkpoint_path(name: str) -> str:
