@@ -236,7 +236,7 @@ def _cmd_train(args) -> int:
     datasets = os.path.join(args.shared, "datasets")
     traversals = [spec.load(datasets) for spec in ts.traversals]
     tcfg = TrainConfig(epochs=args.epochs, lr=args.lr, tail_lr=args.tail_lr, attention_lr=args.attention_lr,
-                       lr_gamma=args.lr_gamma, train_tail=not args.no_tail, loss=args.loss,
+                       lr_gamma=args.lr_gamma, train_tail=not args.no_tail, tail_block=args.train_from, loss=args.loss,
                        margin=args.margin if args.margin is not None else (0.1 if args.loss == "squared" else 0.1 ** 0.5),
                        negatives=args.negatives, queries_per_step=args.queries_per_step,
                        queries_per_epoch=args.queries_per_epoch,
@@ -458,6 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--attention-lr", type=float, default=TrainConfig.attention_lr, help="attention learning rate (Adam)")
     t.add_argument("--lr-gamma", type=float, default=TrainConfig.lr_gamma, help="learning-rate decay per epoch")
     t.add_argument("--no-tail", action="store_true", help="train NetVLAD (+ attention) only, conv5 frozen")
+    t.add_argument("--train-from", default="", metavar="BLOCK",
+                   help="first trained backbone block: conv5 (default) or conv4 (conv4_1..conv5_3 on cached pool3 "
+                        "features; end to end on a GPU: scripts/train_gpu.sh)")
     t.add_argument("--loss", choices=LOSSES, default=TrainConfig.loss,
                    help="squared: NetVLAD's margin on squared distances; l2: TripletMarginLoss on distances")
     t.add_argument("--margin", type=float, help="triplet margin (default 0.1 squared, sqrt(0.1) l2)")

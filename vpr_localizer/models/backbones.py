@@ -98,7 +98,8 @@ class Backbone(nn.Module):
 
     def __init__(self, name: str, body: nn.Module, out_channels: int, stride: int,
                  preprocessing: Preprocessing, weights_sha256: str, weights_path: str,
-                 tail_start: Optional[int] = None, tail_name: str = ""):
+                 tail_start: Optional[int] = None, tail_name: str = "",
+                 tail_blocks: Sequence[Tuple[str, int, str]] = ()):
         super().__init__()
         self.name = name
         self.body = body
@@ -111,6 +112,13 @@ class Backbone(nn.Module):
             raise ValueError(f"tail_start {tail_start} needs an nn.Sequential body with more layers")
         self.tail_start = tail_start
         self.tail_name = tail_name
+        #: block name -> (first layer index, layers): where training may start (:meth:`set_tail`)
+        self.tail_blocks: Dict[str, Tuple[int, str]] = {b: (int(i), n) for b, i, n in tail_blocks}
+        if tail_start is not None and not self.tail_blocks:
+            self.tail_blocks = {"tail": (int(tail_start), tail_name)}
+        for b, (i, _) in self.tail_blocks.items():
+            if not (isinstance(body, nn.Sequential) and 0 < i < len(body)):
+                raise ValueError(f"tail block {b} starts at {i}: needs an nn.Sequential body with more layers")
         #: True once :meth:`load_tail_state` replaced the tail's ImageNet weights (fine-tuned).
         self.tail_tuned = False
 
@@ -124,6 +132,32 @@ class Backbone(nn.Module):
     def has_tail(self) -> bool:
         """True when the backbone declares a trainable last block (:attr:`tail_start`)."""
         return self.tail_start is not None
+
+    def set_tail(self, block: str) -> None:
+        """Move the trainable tail's start to ``block`` (one of :attr:`tail_blocks`, e.g. VGG16
+        ``conv4``: conv4_1..conv5_3 train, the cache holds pool3 features). Parameters are not
+        changed; a tail already fine-tuned stays part of the (longer or shorter) tail.
+
+        Raises:
+            WeightsError: the backbone has no such block.
+        """
+        if block not in self.tail_blocks:
+            raise WeightsError(f"backbone {self.name} cannot train from {block!r}; "
+                               f"blocks: {', '.join(self.tail_blocks) or 'none'}")
+        self.tail_start, self.tail_name = self.tail_blocks[block]
+
+    def set_tail_start(self, start: int) -> None:
+        """:meth:`set_tail` by first layer index (what a checkpoint stores).
+
+        Raises:
+            WeightsError: no block of this backbone starts there.
+        """
+        for block, (i, _) in self.tail_blocks.items():
+            if i == int(start):
+                self.set_tail(block)
+                return
+        raise WeightsError(f"checkpoint fine-tunes {self.name} from layer {start}, but its trainable blocks start at "
+                           + (", ".join(f"{i} ({b})" for b, (i, _) in self.tail_blocks.items()) or "no layer"))
 
     def _require_tail(self) -> int:
         if self.tail_start is None:

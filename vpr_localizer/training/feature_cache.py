@@ -43,12 +43,16 @@ class CacheItem:
 
 def cache_key(encoder, items: Sequence[CacheItem], pre_tail: bool, seed: int, night_strength: float = 1.0) -> str:
     """SHA-256 identifying a cache: images (paths, night flags), seed, backbone weights,
-    preprocessing, input size, guidance and whether features stop before the backbone tail."""
+    preprocessing, input size, guidance, and either where the backbone tail starts (features
+    stop before it) or the tail's parameters (features after it: a fine-tuned conv5 gives
+    other features than ImageNet's)."""
     fp = encoder.fingerprint()
     h = hashlib.sha256()
+    where = ({"pre_tail": True, "tail_start": int(encoder.backbone.tail_start)} if pre_tail else
+             {"pre_tail": False, "tail_sha256": fp.get("backbone_tail_sha256")})
     h.update(json.dumps({"version": CACHE_VERSION, "backbone": fp["backbone"], "weights": fp["weights_sha256"],
                          "preprocessing": fp["preprocessing"], "image_size": fp["image_size"],
-                         "guidance": fp.get("guidance"), "pre_tail": bool(pre_tail), "seed": int(seed),
+                         "guidance": fp.get("guidance"), **where, "seed": int(seed),
                          "night_strength": float(night_strength)},
                         sort_keys=True).encode())
     for it in items:

@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vpr_localizer.errors import DatasetError
+from vpr_localizer.errors import DatasetError, WeightsError
 from vpr_localizer.evaluation.evaluate import frame_step
 from vpr_localizer.io.records import ImageRecord
 from vpr_localizer.models.encoder import Encoder
@@ -67,9 +67,14 @@ from vpr_localizer.training.feature_cache import CacheItem, FeatureCache, build_
 LOG = logging.getLogger(__name__)
 
 LOSSES = ("squared", "l2")
-#: a mean gradient norm below this in every trained group means the descriptors collapsed
-#: (measured: ~1e-7 once collapsed, 0.02-3 while learning).
+#: a mean gradient norm below this in every trained group means training stopped moving
+#: (measured: ~1e-7 once collapsed, 0.02-3 while learning) ...
 COLLAPSE_GRAD_NORM = 1e-4
+#: ... and with at least this fraction of the triplet terms still active it is a collapse (most
+#: images share one descriptor, every active term equals the margin); with fewer it has converged:
+#: the loss is 0, or the only active terms have identical images on both sides (Nordland's
+#: stationary stretches, e.g. positions 0-12, give pixel-identical frames at different places).
+COLLAPSE_MIN_ACTIVE = 0.25
 
 
 @dataclass
@@ -84,6 +89,9 @@ class TrainConfig:
         lr_gamma: every learning rate is multiplied by this after each epoch (decay).
         train_tail: train the backbone's last block (VGG16 conv5) with NetVLAD; False trains
             the aggregator only on cached full-backbone features.
+        tail_block: where the trained tail starts, one of the backbone's ``tail_blocks``
+            (VGG16 ``conv5`` or ``conv4``: conv4_1..conv5_3 on cached pool3 features, the
+            end-to-end run of ``scripts/train_gpu.sh``); "" = the backbone's default (conv5).
         loss: ``squared`` (NetVLAD Eq. 7, margin on squared distances) or ``l2``
             (:class:`torch.nn.TripletMarginLoss` on distances).
         margin: triplet margin (0.1 for ``squared``; ``sqrt(0.1)`` is the ``l2`` equivalent).
@@ -110,6 +118,7 @@ class TrainConfig:
     attention_lr: float = 1e-2
     lr_gamma: float = 1.0
     train_tail: bool = True
+    tail_block: str = ""
     loss: str = "squared"
     margin: float = 0.1
     negatives: int = 10
@@ -140,6 +149,7 @@ class TrainReport:
     train_seconds: float = 0.0
     trained_parameters: Dict[str, int] = field(default_factory=dict)
     collapsed_epoch: Optional[int] = None
+    converged_epoch: Optional[int] = None
     pca: Optional[Dict] = None
     config: Dict = field(default_factory=dict)
 
@@ -366,7 +376,7 @@ def train_encoder(encoder: Encoder, traversals: Sequence[Sequence[ImageRecord]],
 
     Raises:
         ValueError: the encoder has nothing to train, ``train_tail`` on a backbone without a
-            trainable tail, or an unknown loss.
+            trainable tail, an unknown ``tail_block``, or an unknown loss.
         DatasetError: unusable training data (see :func:`split_by_place`).
     """
     from vpr_localizer.progress import progress_bar
@@ -380,8 +390,15 @@ def train_encoder(encoder: Encoder, traversals: Sequence[Sequence[ImageRecord]],
     if encoder.pca is not None:
         LOG.info("training drops the encoder's PCA (it belongs to the old parameters)")
         encoder.pca = None
+    if cfg.tail_block and not cfg.train_tail:
+        raise ValueError(f"tail_block {cfg.tail_block!r} needs train_tail")
     if cfg.train_tail:
         encoder.own_backbone()  # never change a backbone shared with other encoders
+        if cfg.tail_block:
+            try:
+                encoder.backbone.set_tail(cfg.tail_block)
+            except WeightsError as exc:
+                raise ValueError(str(exc)) from exc
     torch.manual_seed(cfg.seed)
     train_items, val_items = split_by_place(traversals, gt, cfg)
     LOG.info("training on %d images (%d validation) of %d traversal(s)%s", len(train_items), len(val_items),
@@ -502,6 +519,12 @@ def _train_loop(encoder: Encoder, train_c: FeatureCache, val_c: FeatureCache, tr
         if (v["r1"], v["r5"]) > best[:2]:
             best = (v["r1"], v["r5"], epoch)
             best_state = state()
+        if max(rec["grad_norm"].values()) < COLLAPSE_GRAD_NORM and rec["active_fraction"] < COLLAPSE_MIN_ACTIVE:
+            report.converged_epoch = epoch
+            LOG.info("training converged in epoch %d: the mean gradient norm fell below %g with %.1f%% of the triplet "
+                     "terms active (a loss of 0, or identical images as positive and negative); stopping and keeping "
+                     "epoch %d", epoch, COLLAPSE_GRAD_NORM, 100 * rec["active_fraction"], best[2])
+            break
         if max(rec["grad_norm"].values()) < COLLAPSE_GRAD_NORM:
             report.collapsed_epoch = epoch
             LOG.warning("training collapsed in epoch %d: the mean gradient norm fell below %g (most training images "
