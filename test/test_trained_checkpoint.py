@@ -89,7 +89,7 @@ def test_map_built_with_the_shipped_checkpoint_carries_its_conv5(tmp_path, datas
     """``build-map --checkpoint vgg16_conv5_nordland`` at another input size (160x120, Lund):
     NetVLAD is fitted on the map, the map's encoder.pt carries it and the fine-tuned conv5, so
     ``localize`` rebuilds the same encoder from the map alone (fingerprint incl.
-    backbone_tail_sha256) and localises every query."""
+    backbone_tail_sha256) and localises every query; its ONNX export gives the same top-k."""
     import csv
 
     from vpr_localizer.cli.main import main
@@ -109,6 +109,14 @@ def test_map_built_with_the_shipped_checkpoint_carries_its_conv5(tmp_path, datas
     with open(res, newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 15
+    # the ONNX export of that map's encoder runs the fine-tuned conv5 too: same top-k as torch
+    onnx, res_ort = tmp_path / "lund.onnx", tmp_path / "poses_ort.csv"
+    assert main(["export", "--map", str(out), "--out", str(onnx), "--weights", str(vgg_path)]) == 0
+    assert main(["localize", "--map", str(out), "--images", str(lund), "--select", "odd", "--out", str(res_ort),
+                 "--runtime", "onnxruntime", "--onnx", str(onnx)]) == 0
+    with open(res_ort, newline="") as fh:
+        rows_ort = list(csv.DictReader(fh))
+    assert [r["top_ids"] for r in rows_ort] == [r["top_ids"] for r in rows]
 
 
 def test_backbone_only_checkpoint_keeps_conv5_and_fits_netvlad_per_map(shipped, vgg_path, tmp_path):
