@@ -28,8 +28,8 @@ Keyframes
     With a position source, a frame becomes a keyframe when the camera moved at least
     ``keyframe_distance`` metres (horizontal x-y distance in the map frame: GNSS altitude is
     too noisy to trigger keyframes) since the last keyframe; the first positioned frame is
-    always one. The position of a frame is taken at its header stamp from the two newest
-    positions (the only ones kept): linear interpolation when they bracket the stamp, else the
+    always one. The position of a frame is taken at its header stamp from the newest positions
+    (the last 64 kept): linear interpolation between the two that bracket the stamp, else the
     nearest one when it is at most ``max_position_age_s`` away. A camera frame usually arrives
     just *before* the fix with the same stamp, so the worker waits up to ``position_wait_s``
     for a position at or after the frame's stamp. Frames without a usable position are counted
@@ -95,13 +95,15 @@ Errors
 """
 from __future__ import annotations
 
+import bisect
+import collections
 import math
 import os
 import sys
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -171,23 +173,27 @@ def interpolate_position(a: Position, b: Position, t: float) -> Position:
 
 
 class LatestPositions:
-    """The two newest position samples (thread-safe, bounded), queried by stamp.
+    """The newest position samples (thread-safe, at most ``history`` of them), queried by stamp.
 
-    ``put`` is called from the position callback, :meth:`at` from the image worker.
+    ``put`` is called from the position callback, :meth:`at` from the image worker. Keeping a
+    short history (not only the two newest) lets a worker that lags a few frames behind the
+    positions still interpolate at its frame's stamp instead of taking a later sample.
     """
 
-    def __init__(self):
+    def __init__(self, history: int = 64):
         self._cond = threading.Condition()
-        self._prev: Optional[Position] = None
-        self._last: Optional[Position] = None
+        self._samples: Deque[Position] = collections.deque(maxlen=max(2, int(history)))
+
+    @property
+    def _last(self) -> Optional[Position]:
+        return self._samples[-1] if self._samples else None
 
     def put(self, pos: Position) -> None:
         with self._cond:
-            if self._last is not None and pos.stamp < self._last.stamp:
+            if self._samples and pos.stamp < self._samples[-1].stamp:
                 # out of order (or time jumped back): restart the history from this sample
-                self._prev, self._last = None, pos
-            else:
-                self._prev, self._last = self._last, pos
+                self._samples.clear()
+            self._samples.append(pos)
             self._cond.notify_all()
 
     def newest(self) -> Optional[Position]:
@@ -198,17 +204,20 @@ class LatestPositions:
         """Position at time ``t``.
 
         Waits up to ``wait_s`` (wall time) for a sample stamped at or after ``t``; then
-        interpolates between the two newest samples when they bracket ``t``, else returns the
-        nearest sample if it is at most ``max_age_s`` from ``t`` (else None).
+        interpolates between the two kept samples that bracket ``t``, else returns the nearest
+        sample if it is at most ``max_age_s`` from ``t`` (else None).
         """
         with self._cond:
             self._cond.wait_for(lambda: self._last is not None and self._last.stamp >= t, max(0.0, wait_s))
-            prev, last = self._prev, self._last
-        if last is None:
+            samples = list(self._samples)
+        if not samples:
             return None
-        if prev is not None and prev.stamp <= t <= last.stamp:
-            return interpolate_position(prev, last, t)
-        nearest = min((p for p in (prev, last) if p is not None), key=lambda p: abs(p.stamp - t))
+        i = bisect.bisect_left([p.stamp for p in samples], t)
+        if 0 < i < len(samples) or (i < len(samples) and samples[i].stamp == t):
+            if samples[i].stamp == t:
+                return samples[i]
+            return interpolate_position(samples[i - 1], samples[i], t)
+        nearest = min(samples, key=lambda p: abs(p.stamp - t))
         return nearest if abs(nearest.stamp - t) <= max_age_s else None
 
 

@@ -347,6 +347,9 @@ def test_odometry_bad_frame_and_atomic_flushes(datasets_dir, weights_dir, tmp_pa
 # ----------------------------------------------------------------------------------------------
 
 def test_latest_positions_interpolate_nearest_and_age():
+    """Interpolation between the kept samples that bracket a stamp (also older ones, for a
+    lagging worker), the nearest sample within max_age_s, waiting for a later sample, restart
+    when time goes back."""
     from map_builder.node import LatestPositions, Position
 
     pos = LatestPositions()
@@ -367,6 +370,10 @@ def test_latest_positions_interpolate_nearest_and_age():
     late.start()
     assert pos.at(12.5, wait_s=2.0).x == pytest.approx(5.0)  # the later sample arrived: interpolated
     late.join()
+    # a worker lagging behind the positions: its stamp is bracketed by older kept samples
+    pos.put(Position(14.0, 8.0, -2.0, 1.0))
+    pos.put(Position(15.0, 10.0, -2.0, 1.0))
+    assert pos.at(11.0).x == pytest.approx(2.0) and pos.at(12.5).x == pytest.approx(5.0)
     pos.put(Position(1.0, 9.0, 9.0, 0.0))  # time went back: history restarts
     assert pos.at(1.0).x == 9.0 and pos.at(12.5, max_age_s=1.0) is None
 
